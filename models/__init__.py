@@ -1,0 +1,1 @@
+"""Network definitions, one per file, and the name -> class registry."""

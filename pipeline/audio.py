@@ -1,0 +1,136 @@
+"""Audio decoding: probe a file's header and decode it to mono float32 at a target rate.
+
+soundfile (libsndfile 1.2: wav, au, flac, ogg, mp3, ...) is tried first; librosa/audioread is
+the fallback for anything libsndfile cannot open. Resampling uses soxr (high quality).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from pipeline.errors import MelsearchError
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".au", ".snd", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".m4a")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a decoder says about a file: ``duration_s`` in seconds, ``sample_rate`` in Hz."""
+
+    duration_s: float
+    sample_rate: int
+    channels: int
+
+
+def is_audio_path(path: str | os.PathLike) -> bool:
+    """True when the file name has an audio extension we try to decode."""
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def probe_audio(path: str | os.PathLike) -> AudioInfo:
+    """Check that ``path`` is decodable audio and return its header facts.
+
+    Reading the header is not enough (a truncated file has a valid header), so the whole
+    file is decoded once in blocks; memory stays bounded by the block size.
+
+    Raises
+    ------
+    MelsearchError
+        ``"<path>: <decoder's reason>"`` for empty, truncated, non-audio or unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MelsearchError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MelsearchError(f"{path}: empty file (0 bytes)")
+    try:
+        return _probe_soundfile(path)
+    except MelsearchError:
+        raise
+    except Exception as sf_exc:  # libsndfile could not open it: try the fallback decoder
+        try:
+            samples, sr, channels = _decode_fallback(path, sr=None)
+        except Exception as exc:
+            raise MelsearchError(f"{path}: cannot decode ({_first_line(sf_exc)}; fallback: {_first_line(exc)})") from exc
+        if samples.shape[-1] == 0:
+            raise MelsearchError(f"{path}: no audio samples")
+        return AudioInfo(duration_s=samples.shape[-1] / sr, sample_rate=int(sr), channels=channels)
+
+
+def _probe_soundfile(path: Path) -> AudioInfo:
+    with sf.SoundFile(path) as handle:
+        declared = handle.frames
+        decoded = 0
+        for block in handle.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
+            decoded += block.shape[0]
+        sr, channels, container = handle.samplerate, handle.channels, handle.format
+    if decoded == 0:
+        raise MelsearchError(f"{path}: no audio samples")
+    # libsndfile stops quietly at the end of a cut file; a shortfall against the header means truncation.
+    if declared > 0 and decoded < declared and container not in ("MPEG", "OGG"):
+        raise MelsearchError(f"{path}: truncated (header says {declared} frames, decoded {decoded})")
+    return AudioInfo(duration_s=decoded / sr, sample_rate=int(sr), channels=int(channels))
+
+
+def _decode_fallback(path: Path, sr: int | None) -> tuple[np.ndarray, int, int]:
+    import librosa  # slow import; only needed for formats libsndfile cannot read
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples, rate = librosa.load(path, sr=sr, mono=False)
+    channels = 1 if samples.ndim == 1 else samples.shape[0]
+    return np.atleast_2d(samples).astype(np.float32), int(rate), channels
+
+
+def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode ``path`` to mono float32 at ``sr`` Hz.
+
+    Parameters
+    ----------
+    path : audio file in any supported format, any rate, mono or stereo.
+    sr : target sample rate in Hz; soxr resamples when the file's rate differs.
+    max_seconds : stop decoding after this many seconds (saves work on long tracks).
+
+    Returns
+    -------
+    samples : (n_samples,) float32 in [-1, 1], mono (channel mean).
+    duration_s : the true length of the decoded audio in seconds (before any cropping by the caller).
+    """
+    path = Path(path)
+    try:
+        with sf.SoundFile(path) as handle:
+            native_sr = handle.samplerate
+            total_frames = handle.frames
+            frames = -1 if max_seconds is None else int(np.ceil(max_seconds * native_sr))
+            data = handle.read(frames=frames, dtype="float32", always_2d=True)
+            samples = data.mean(axis=1)
+        duration_s = max(total_frames, samples.size) / native_sr
+    except Exception as sf_exc:
+        try:
+            data, native_sr, _ = _decode_fallback(path, sr=None)
+        except Exception as exc:
+            raise MelsearchError(f"{path}: cannot decode ({_first_line(sf_exc)}; fallback: {_first_line(exc)})") from exc
+        samples = data.mean(axis=0)
+        duration_s = samples.size / native_sr
+        if max_seconds is not None:
+            samples = samples[: int(np.ceil(max_seconds * native_sr))]
+    if samples.size == 0:
+        raise MelsearchError(f"{path}: no audio samples")
+    if native_sr != sr:
+        samples = soxr.resample(samples, native_sr, sr, quality="HQ")
+    return np.ascontiguousarray(samples, dtype=np.float32), float(duration_s)

@@ -1,0 +1,1 @@
+"""Luigi tasks, one per stage, plus the whole-pipeline wrapper (``luigi --module tasks ...``)."""
