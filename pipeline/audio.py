@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,27 @@ def is_audio_path(path: str | os.PathLike) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else "no installed decoder recognises the format"
+    # libsndfile prefixes "Error opening '<path>': "; the caller already names the file
+    return re.sub(r"^Error opening .*?: ", "", line)
+
+
+def _declared_data_bytes(path: Path) -> int | None:
+    """Audio payload size announced by a WAV or AU header (None when unknown or another format)."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if head[:4] == b".snd" and len(head) >= 12:
+            offset, size = struct.unpack(">II", head[4:12])
+            return None if size == 0xFFFFFFFF else offset + size
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            while chunk := handle.read(8):
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"data":
+                    return None if size in (0, 0xFFFFFFFF) else handle.tell() + size
+                handle.seek(size + (size & 1), 1)
+    return None
 
 
 def probe_audio(path: str | os.PathLike) -> AudioInfo:
@@ -56,8 +78,12 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
     path = Path(path)
     if not path.is_file():
         raise MelsearchError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise MelsearchError(f"{path}: empty file (0 bytes)")
+    declared = _declared_data_bytes(path)
+    if declared is not None and size < declared:
+        raise MelsearchError(f"{path}: truncated (header announces {declared} bytes, file has {size})")
     try:
         return _probe_soundfile(path)
     except MelsearchError:
@@ -66,7 +92,7 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
         try:
             samples, sr, channels = _decode_fallback(path, sr=None)
         except Exception as exc:
-            raise MelsearchError(f"{path}: cannot decode ({_first_line(sf_exc)}; fallback: {_first_line(exc)})") from exc
+            raise MelsearchError(f"{path}: not decodable audio ({_first_line(sf_exc)}; fallback decoder: {_first_line(exc)})") from exc
         if samples.shape[-1] == 0:
             raise MelsearchError(f"{path}: no audio samples")
         return AudioInfo(duration_s=samples.shape[-1] / sr, sample_rate=int(sr), channels=channels)
@@ -124,7 +150,7 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
         try:
             data, native_sr, _ = _decode_fallback(path, sr=None)
         except Exception as exc:
-            raise MelsearchError(f"{path}: cannot decode ({_first_line(sf_exc)}; fallback: {_first_line(exc)})") from exc
+            raise MelsearchError(f"{path}: not decodable audio ({_first_line(sf_exc)}; fallback decoder: {_first_line(exc)})") from exc
         samples = data.mean(axis=0)
         duration_s = samples.size / native_sr
         if max_seconds is not None:

@@ -1,0 +1,185 @@
+"""The dataset stage: find the audio files, probe each one, label and split them, write the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.audio import is_audio_path, probe_audio
+from pipeline.errors import MelsearchError
+from pipeline.io import params_key
+from pipeline.manifest import write_manifest
+
+log = logging.getLogger(__name__)
+
+GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
+GTZAN_SPLIT_DIR = Path(__file__).resolve().parent.parent / "data" / "splits" / "gtzan-fault-filtered"
+SPLIT_METHODS = ("auto", "gtzan", "random", "hash")
+_GTZAN_NAME = re.compile(r"^(?P<genre>[a-z]+)\.\d{5}$")
+
+
+def list_audio_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under ``root`` (recursively, hidden files skipped) that has an audio extension, sorted.
+
+    Files with other extensions are ignored; a text file renamed ``.mp3`` is listed and later rejected.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MelsearchError(f"{root}: not a folder of audio")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(folder) / f for f in files if not f.startswith(".") and is_audio_path(f))
+    return sorted(found)
+
+
+def folder_fingerprint(root: str | os.PathLike) -> str:
+    """Short hash of the audio files' relative paths, sizes and mtimes: changes when the collection changes."""
+    root = Path(root)
+    entries = []
+    for path in list_audio_files(root):
+        stat = path.stat()
+        entries.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return params_key(entries)
+
+
+def _label_of(rel: Path) -> str:
+    """The top-level sub-folder is the label (``Music/<genre>/artist/song.mp3``); files at the root have none."""
+    return rel.parts[0] if len(rel.parts) > 1 else ""
+
+
+def is_gtzan_name(rel: Path) -> bool:
+    """True for ``<genre>/<genre>.NNNNN.<ext>`` with a GTZAN genre."""
+    match = _GTZAN_NAME.match(rel.stem)
+    return len(rel.parts) == 2 and bool(match) and match["genre"] == rel.parts[0] and rel.parts[0] in GTZAN_GENRES
+
+
+def is_gtzan_layout(rels: Sequence[Path]) -> bool:
+    """True for GTZAN's own layout (GTZAN, Kaggle's ``genres_original``, our samples).
+
+    Every label folder is a GTZAN genre and at least 90% of the files carry GTZAN names; stray files
+    (a broken copy, a note) do not turn the collection into a plain folder.
+    """
+    if not rels or any(len(rel.parts) < 2 or rel.parts[0] not in GTZAN_GENRES for rel in rels):
+        return False
+    return sum(map(is_gtzan_name, rels)) >= 0.9 * len(rels)
+
+
+def load_gtzan_split(split_dir: str | os.PathLike = GTZAN_SPLIT_DIR) -> dict[str, str]:
+    """Map GTZAN track id (``blues.00012``) to ``train``/``valid``/``test`` from the artist-filtered lists."""
+    mapping = {}
+    for split in ("train", "valid", "test"):
+        for line in (Path(split_dir) / f"{split}.txt").read_text().split():
+            mapping[Path(line).stem] = split
+    return mapping
+
+
+def hash_split(track_id: str, *, fractions: tuple[float, float] = (0.8, 0.9)) -> str:
+    """Deterministic split from a hash of the track id: adding files never moves existing tracks.
+
+    ``u = sha1(track_id) / 2**160``; ``u < 0.8`` train, ``< 0.9`` valid, else test, so every label gets the
+    same expected 80/10/10 proportions.
+    """
+    u = int.from_bytes(hashlib.sha1(track_id.encode()).digest(), "big") / 2**160
+    return "train" if u < fractions[0] else "valid" if u < fractions[1] else "test"
+
+
+def random_split(ids_by_label: dict[str, list[str]], *, seed: int) -> dict[str, str]:
+    """Stratified random 80/10/10 split: each label's ids shuffled with ``seed`` and cut in order."""
+    mapping = {}
+    rng = np.random.default_rng(seed)
+    for label in sorted(ids_by_label):
+        ids = sorted(ids_by_label[label])
+        order = rng.permutation(len(ids))
+        n_train, n_valid = round(0.8 * len(ids)), round(0.1 * len(ids))
+        for rank, i in enumerate(order):
+            mapping[ids[i]] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
+    return mapping
+
+
+def _probe_row(path: Path) -> dict:
+    try:
+        info = probe_audio(path)
+    except MelsearchError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected", "reason": reason}
+    return {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
+            "status": "ok", "reason": ""}
+
+
+def build_manifest(
+    audio_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    split: str = "auto",
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict:
+    """Probe every audio file under ``audio_dir`` and write the manifest Parquet at ``out_path`` (atomically).
+
+    Parameters
+    ----------
+    audio_dir : folder whose top-level sub-folders are labels; files at its root are unlabelled.
+    split : ``gtzan`` (artist-filtered lists; clips outside them ``excluded``), ``random`` (stratified
+        80/10/10 with ``seed``), ``hash`` (stable per-track hash), or ``auto``: ``gtzan`` for GTZAN's layout,
+        ``hash`` otherwise. Unlabelled files get split ``""``.
+    workers : threads probing files (libsndfile releases the GIL); None = all cores.
+
+    Returns
+    -------
+    Figures: ``{"tracks", "ok", "rejected", "labels", "splits": {name: count}, "layout", "split_method"}``.
+    """
+    if split not in SPLIT_METHODS:
+        raise MelsearchError(f"unknown split method {split!r} (choose from {', '.join(SPLIT_METHODS)})")
+    root = Path(audio_dir).resolve()
+    paths = list_audio_files(root)
+    if not paths:
+        raise MelsearchError(f"{root}: no audio files found (looked for {', '.join(sorted({'.wav', '.au', '.mp3', '.flac', '.ogg'}))})")
+    rels = [p.relative_to(root) for p in paths]
+    gtzan = is_gtzan_layout(rels)
+    method = ("gtzan" if gtzan else "hash") if split == "auto" else split
+    if method == "gtzan" and not gtzan:
+        raise MelsearchError(f"{root}: --split gtzan needs GTZAN's layout (<genre>/<genre>.NNNNN.au|wav)")
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        probes = list(tqdm(pool.map(_probe_row, paths), total=len(paths), desc="probing audio", unit="file", disable=None))
+
+    rows = []
+    for path, rel, probe in zip(paths, rels, probes):
+        track_id = rel.stem if gtzan and is_gtzan_name(rel) else rel.as_posix()
+        rows.append({"track_id": track_id, "path": str(path), "label": _label_of(rel), "split": "", **probe})
+        if probe["status"] == "rejected":
+            log.warning("rejected %s: %s", path, probe["reason"])
+
+    ids_by_label = defaultdict(list)
+    for row in rows:
+        if row["label"]:
+            ids_by_label[row["label"]].append(row["track_id"])
+    fixed = load_gtzan_split() if method == "gtzan" else random_split(ids_by_label, seed=seed) if method == "random" else {}
+    for row in rows:
+        if row["label"]:
+            row["split"] = fixed.get(row["track_id"], "excluded") if fixed else hash_split(row["track_id"])
+
+    write_manifest(rows, out_path)
+    ok = [r for r in rows if r["status"] == "ok"]
+    splits: dict[str, int] = defaultdict(int)
+    for row in ok:
+        splits[row["split"] or "unlabelled"] += 1
+    return {
+        "tracks": len(rows),
+        "ok": len(ok),
+        "rejected": len(rows) - len(ok),
+        "labels": sorted(ids_by_label),
+        "splits": dict(sorted(splits.items())),
+        "layout": "gtzan" if gtzan else "folder",
+        "split_method": method,
+    }

@@ -1,0 +1,195 @@
+"""Getting the music in: GTZAN download from mirrors (resumable, checksummed) and safe archive extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from pipeline.errors import MelsearchError
+from pipeline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+GTZAN_MIRRORS = (
+    "http://opihi.cs.uvic.ca/sound/genres.tar.gz",
+    "https://web.archive.org/web/20220328223413/http://opihi.cs.uvic.ca/sound/genres.tar.gz",
+    "https://huggingface.co/datasets/marsyas/gtzan/resolve/main/data/genres.tar.gz",
+)
+# Published digests of genres.tar.gz (torchaudio, mirdata). A mirror may serve another packing of the
+# same clips: add its digest here (or pass --gtzan-sha256) once its contents are checked.
+GTZAN_SHA256 = ("24347e0223d2ba798e0a558c4c172d9d4a19c00bb7963fe055d183dadb4ef2c6",)
+GTZAN_MD5 = ("5b3d6dddb579ab49814ab86dba69e7c7",)
+
+_CHUNK = 1 << 20
+
+
+def download_with_resume(url: str, dest: str | os.PathLike, *, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest``, resuming a previous partial download with an HTTP Range request.
+
+    Bytes accumulate in ``dest + ".part"``; it is renamed to ``dest`` only when the transfer is complete
+    (length as announced by the server). A server that ignores Range gets a fresh download.
+
+    Raises
+    ------
+    MelsearchError
+        ``"<url>: <reason>"`` on HTTP errors, connection failures and short transfers.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "melsearch", **({"Range": f"bytes={have}-"} if have else {})})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # our partial file is already complete
+            os.replace(part, dest)
+            return dest
+        raise MelsearchError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise MelsearchError(f"{url}: {getattr(exc, 'reason', exc)}") from exc
+    with response:
+        resumed = response.status == 206
+        if have and not resumed:
+            log.info("%s ignored the Range request; downloading from the start", url)
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        received = have
+        with open(part, "ab" if resumed else "wb") as out, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=None
+        ) as bar:
+            try:
+                for block in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            except OSError as exc:
+                raise MelsearchError(f"{url}: connection lost after {received} bytes ({exc}); run again to resume") from exc
+    if total is not None and received < total:
+        raise MelsearchError(f"{url}: transfer stopped at {received} of {total} bytes; run again to resume")
+    os.replace(part, dest)
+    return dest
+
+
+def verify_checksum(path: str | os.PathLike, *, sha256: Sequence[str] = (), md5: Sequence[str] = ()) -> str:
+    """Return the file's sha256 if it matches one of the accepted digests, else raise MelsearchError."""
+    digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            for digest in digests.values():
+                digest.update(block)
+    got_sha, got_md5 = digests["sha256"].hexdigest(), digests["md5"].hexdigest()
+    if got_sha in {s.lower() for s in sha256} or got_md5 in {m.lower() for m in md5}:
+        return got_sha
+    raise MelsearchError(f"{path}: checksum mismatch (sha256 {got_sha} is not one of the accepted digests)")
+
+
+def fetch_gtzan(
+    dest: str | os.PathLike,
+    *,
+    urls: Sequence[str] = GTZAN_MIRRORS,
+    sha256: Sequence[str] = GTZAN_SHA256,
+    md5: Sequence[str] = GTZAN_MD5,
+) -> Path:
+    """Get a verified ``genres.tar.gz`` at ``dest``, trying ``urls`` in order.
+
+    A mirror that fails (network, HTTP error, wrong checksum) is logged and the next one is tried; a
+    download with a wrong checksum is deleted so that nothing unverified is ever extracted.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        verify_checksum(dest, sha256=sha256, md5=md5)
+        return dest
+    failures = []
+    for url in urls:
+        try:
+            download_with_resume(url, dest)
+            verify_checksum(dest, sha256=sha256, md5=md5)
+            return dest
+        except MelsearchError as exc:
+            if dest.exists():
+                dest.unlink()  # a complete download with a wrong digest: never keep or extract it
+            log.warning("mirror failed: %s", exc)
+            failures.append(str(exc))
+    raise MelsearchError(
+        "every GTZAN mirror failed (" + "; ".join(failures) + "). "
+        "If you have the data, pass it instead: --archive genres.tar.gz or --audio-dir DIR"
+    )
+
+
+def _unsafe_reason(name: str, *, is_link: bool = False, link_target: str = "", is_special: bool = False) -> str:
+    """Why an archive member may not be extracted ("" when it is safe)."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    if ".." in pure.parts:
+        return "path with '..'"
+    if is_special:
+        return "device, fifo or other special file"
+    if is_link:
+        target = PurePosixPath(link_target.replace("\\", "/"))
+        resolved = os.path.normpath(str(pure.parent / target))
+        if target.is_absolute() or resolved == ".." or resolved.startswith("../"):
+            return f"link pointing outside the archive ({link_target})"
+    return ""
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract a .tar.gz/.tgz/.tar/.zip ``archive`` into folder ``dest``, safely and atomically.
+
+    Every member is checked before anything is written: absolute paths, ``..`` components, links that
+    point outside the archive and device/fifo members make the whole archive refused. Extraction goes to a
+    temporary folder renamed to ``dest`` when complete.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise MelsearchError(f"{archive}: no such archive")
+    with atomic_path(dest, is_dir=True) as tmp:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    reason = _unsafe_reason(info.filename)
+                    if reason:
+                        raise MelsearchError(f"{archive}: refusing member {info.filename!r}: {reason}")
+                zf.extractall(tmp)
+        else:
+            try:
+                tf = tarfile.open(archive)
+            except (tarfile.TarError, OSError) as exc:
+                raise MelsearchError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
+            with tf:
+                members = tf.getmembers()
+                for m in members:
+                    reason = _unsafe_reason(
+                        m.name, is_link=m.issym() or m.islnk(), link_target=m.linkname,
+                        is_special=m.isdev() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()),
+                    )
+                    if reason:
+                        raise MelsearchError(f"{archive}: refusing member {m.name!r}: {reason}")
+                # the "data" filter repeats these checks inside tarfile where this Python has it (3.10.12+)
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tf.extractall(tmp, members=members, **kwargs)
+    return dest
+
+
+def audio_root(folder: str | os.PathLike) -> Path:
+    """The folder whose sub-folders are the labels: descend through lone wrapper folders (``genres/``)."""
+    folder = Path(folder)
+    while True:
+        entries = [p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        if len(entries) == 1 and entries[0].is_dir():
+            folder = entries[0]
+        else:
+            return folder
+
+
