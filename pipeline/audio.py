@@ -46,6 +46,11 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"^Error opening .*?: ", "", line)
 
 
+def _undecodable(path: Path, first: BaseException, fallback: BaseException) -> MelsearchError:
+    reasons = f"{_first_line(first)}; fallback decoder: {_first_line(fallback)}"
+    return MelsearchError(f"{path}: not decodable audio ({reasons})")
+
+
 def _declared_data_bytes(path: Path) -> int | None:
     """Audio payload size announced by a WAV or AU header (None when unknown or another format)."""
     with open(path, "rb") as handle:
@@ -92,9 +97,9 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
         try:
             samples, sr, channels = _decode_fallback(path, sr=None)
         except Exception as exc:
-            raise MelsearchError(f"{path}: not decodable audio ({_first_line(sf_exc)}; fallback decoder: {_first_line(exc)})") from exc
+            raise _undecodable(path, sf_exc, exc) from exc
         if samples.shape[-1] == 0:
-            raise MelsearchError(f"{path}: no audio samples")
+                raise MelsearchError(f"{path}: no audio samples") from None
         return AudioInfo(duration_s=samples.shape[-1] / sr, sample_rate=int(sr), channels=channels)
 
 
@@ -150,7 +155,7 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
         try:
             data, native_sr, _ = _decode_fallback(path, sr=None)
         except Exception as exc:
-            raise MelsearchError(f"{path}: not decodable audio ({_first_line(sf_exc)}; fallback decoder: {_first_line(exc)})") from exc
+            raise _undecodable(path, sf_exc, exc) from exc
         samples = data.mean(axis=0)
         duration_s = samples.size / native_sr
         if max_seconds is not None:

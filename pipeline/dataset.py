@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.audio import is_audio_path, probe_audio
+from pipeline.audio import AUDIO_EXTENSIONS, is_audio_path, probe_audio
 from pipeline.errors import MelsearchError
 from pipeline.io import params_key
 from pipeline.manifest import write_manifest
@@ -143,7 +143,7 @@ def build_manifest(
     root = Path(audio_dir).resolve()
     paths = list_audio_files(root)
     if not paths:
-        raise MelsearchError(f"{root}: no audio files found (looked for {', '.join(sorted({'.wav', '.au', '.mp3', '.flac', '.ogg'}))})")
+        raise MelsearchError(f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
     rels = [p.relative_to(root) for p in paths]
     gtzan = is_gtzan_layout(rels)
     method = ("gtzan" if gtzan else "hash") if split == "auto" else split
@@ -151,10 +151,11 @@ def build_manifest(
         raise MelsearchError(f"{root}: --split gtzan needs GTZAN's layout (<genre>/<genre>.NNNNN.au|wav)")
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        probes = list(tqdm(pool.map(_probe_row, paths), total=len(paths), desc="probing audio", unit="file", disable=None))
+        probing = pool.map(_probe_row, paths)
+        probes = list(tqdm(probing, total=len(paths), desc="probing audio", unit="file", disable=None))
 
     rows = []
-    for path, rel, probe in zip(paths, rels, probes):
+    for path, rel, probe in zip(paths, rels, probes, strict=True):
         track_id = rel.stem if gtzan and is_gtzan_name(rel) else rel.as_posix()
         rows.append({"track_id": track_id, "path": str(path), "label": _label_of(rel), "split": "", **probe})
         if probe["status"] == "rejected":
@@ -164,7 +165,7 @@ def build_manifest(
     for row in rows:
         if row["label"]:
             ids_by_label[row["label"]].append(row["track_id"])
-    fixed = load_gtzan_split() if method == "gtzan" else random_split(ids_by_label, seed=seed) if method == "random" else {}
+    fixed = {"gtzan": load_gtzan_split, "random": lambda: random_split(ids_by_label, seed=seed)}.get(method, dict)()
     for row in rows:
         if row["label"]:
             row["split"] = fixed.get(row["track_id"], "excluded") if fixed else hash_split(row["track_id"])

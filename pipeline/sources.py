@@ -47,7 +47,8 @@ def download_with_resume(url: str, dest: str | os.PathLike, *, timeout: float = 
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "melsearch", **({"Range": f"bytes={have}-"} if have else {})})
+    headers = {"User-Agent": "melsearch", **({"Range": f"bytes={have}-"} if have else {})}
+    request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -74,7 +75,8 @@ def download_with_resume(url: str, dest: str | os.PathLike, *, timeout: float = 
                     received += len(block)
                     bar.update(len(block))
             except OSError as exc:
-                raise MelsearchError(f"{url}: connection lost after {received} bytes ({exc}); run again to resume") from exc
+                raise MelsearchError(f"{url}: connection lost after {received} bytes ({exc}); run again to resume") \
+                    from exc
     if total is not None and received < total:
         raise MelsearchError(f"{url}: transfer stopped at {received} of {total} bytes; run again to resume")
     os.replace(part, dest)

@@ -1,0 +1,168 @@
+"""``melsearch`` / ``python -m pipeline``: parse, configure logging, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import MelsearchError
+
+log = logging.getLogger("pipeline")
+PROJECT_CFG = Path(__file__).resolve().parent.parent / "luigi.cfg"
+STAGES = ("dataset", "features", "train", "embeddings", "index")
+
+
+class _OneLineMelsearchErrors(logging.Filter):
+    """Luigi logs a failed task's traceback; for our own errors one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MelsearchError):
+            record.msg, record.args, record.exc_info, record.exc_text = f"error: {record.exc_info[1]}", (), None, None
+        return True
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("luigi-interface").addFilter(_OneLineMelsearchErrors())
+
+
+def _luigi_config(args: argparse.Namespace) -> None:
+    """Load luigi.cfg (the working directory's, else the project's) and apply command-line overrides."""
+    import luigi.configuration
+
+    if not Path("luigi.cfg").exists() and PROJECT_CFG.exists():
+        luigi.configuration.add_config_path(str(PROJECT_CFG))
+    config = luigi.configuration.get_config()
+    overrides = {
+        ("dataset", "split"): args.split,
+        ("dataset", "gtzan_urls"): json.dumps(args.gtzan_url) if args.gtzan_url else None,
+        ("dataset", "gtzan_sha256"): json.dumps(args.gtzan_sha256) if args.gtzan_sha256 else None,
+        ("dataset", "gtzan_md5"): "[]" if args.gtzan_sha256 else None,
+        ("features", "preset"): args.preset,
+        ("train", "epochs"): args.epochs,
+        ("train", "device"): args.device,
+    }
+    for (section, option), value in overrides.items():
+        if value is not None:
+            if not config.has_section(section):
+                config.add_section(section)
+            config.set(section, option, str(value))
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="data/work", help="where every stage writes (default: data/work)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--audio-dir", default="", help="folder of audio; sub-folders are labels")
+    source.add_argument("--archive", default="", help="local genres.tar.gz (or any .tar/.tar.gz/.zip of audio)")
+    parser.add_argument("--model", default=None, help="cifar10, resnet_v2 or all (default: luigi.cfg [train] model)")
+    parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
+    parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")
+    parser.add_argument("--gtzan-sha256", action="append", help="accepted sha256 of that archive (repeatable)")
+    parser.add_argument("--preset", choices=["default", "choi"], default=None, help="log-mel settings")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    from tasks.config import train
+    from tasks.pipeline import model_names
+
+    return model_names(args.model or train().model)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _luigi_config(args)
+    from tasks.pipeline import pipeline_status, run_pipeline
+
+    source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "models": _models(args)}
+    run_pipeline(stage=args.stage, rerun=args.rerun, workers=args.workers, scheduler_url=args.scheduler_url, **source)
+    status = pipeline_status(**source)
+    for stage in STAGES[: STAGES.index(args.stage) + 1]:
+        for entry in status[stage]["outputs"]:
+            print(f"{stage:<11} {entry['output']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _luigi_config(args)
+    from tasks.pipeline import pipeline_status
+
+    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive, models=_models(args))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    for stage, info in status.items():
+        for entry in info["outputs"]:
+            figures = entry.get("figures", {})
+            brief = ", ".join(f"{k}={v}" for k, v in figures.items() if isinstance(v, (int, float, str)))
+            print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import write_synthetic_dataset
+
+    paths = write_synthetic_dataset(args.out_dir, n_per_class=args.per_class, seconds=args.seconds,
+                                    n_classes=args.classes, seed=args.seed, fmt=args.format)
+    print(f"wrote {len(paths)} clips to {args.out_dir}")
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from tasks.scheduler import scheduler_status, start_scheduler, stop_scheduler
+
+    action = {"start": start_scheduler, "stop": stop_scheduler, "status": scheduler_status}[args.action]
+    print(action(args.workdir, port=args.port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the pipeline (Luigi) up to --stage")
+    _source_args(run)
+    run.add_argument("--stage", choices=STAGES, default="index", help="last stage to run (default: index)")
+    run.add_argument("--rerun", choices=STAGES, default=None, help="recompute this stage and everything downstream")
+    run.add_argument("--workers", type=int, default=1, help="Luigi workers (parallel tasks)")
+    run.add_argument("--scheduler-url", default=None, help="a luigid to run against, e.g. http://127.0.0.1:8082")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="per stage: done or not, outputs, figures")
+    _source_args(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    synth = commands.add_parser("synth", help="write a labelled folder of synthetic clips")
+    synth.add_argument("out_dir")
+    synth.add_argument("--per-class", type=int, default=20)
+    synth.add_argument("--seconds", type=float, default=10.0)
+    synth.add_argument("--classes", type=int, default=6)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", default="wav", choices=["wav", "flac", "ogg", "mp3"])
+    synth.set_defaults(func=cmd_synth)
+
+    scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1")
+    scheduler.add_argument("action", choices=["start", "stop", "status"])
+    scheduler.add_argument("--workdir", default="data/work")
+    scheduler.add_argument("--port", type=int, default=8082)
+    scheduler.set_defaults(func=cmd_scheduler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except MelsearchError as exc:
+        print(f"melsearch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("melsearch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
