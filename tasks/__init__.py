@@ -1,1 +1,10 @@
-"""Luigi tasks, one per stage, plus the whole-pipeline wrapper (``luigi --module tasks ...``)."""
+"""Luigi tasks, one per stage, plus the whole-pipeline wrapper (``luigi --module tasks Pipeline ...``)."""
+
+from tasks.dataset import Dataset, DownloadGTZAN
+from tasks.features import Features, FeatureShard
+from tasks.pipeline import Pipeline
+from tasks.search import Embeddings, Index
+from tasks.train import CompareModels, Train
+
+__all__ = ["Dataset", "DownloadGTZAN", "Features", "FeatureShard", "Train", "CompareModels", "Embeddings", "Index",
+           "Pipeline"]

@@ -1,0 +1,62 @@
+"""Features stage: manifest -> log-mel HDF5 shards (one task each, run in parallel) -> features.h5."""
+
+from __future__ import annotations
+
+import luigi
+
+from pipeline.features import MelConfig, merge_feature_shards, shard_tracks, write_feature_shard
+from pipeline.io import params_key, write_json_atomic
+from pipeline.manifest import read_manifest
+from tasks.base import StageTask
+from tasks.config import features
+from tasks.dataset import Dataset
+
+
+def mel_config() -> MelConfig:
+    """The log-mel settings of this run: the ``[features]`` preset with its overrides."""
+    cfg = features()
+    overrides = {"dtype": cfg.dtype}
+    if cfg.n_mels:
+        overrides["n_mels"] = cfg.n_mels
+    if cfg.duration_s:
+        overrides["duration_s"] = cfg.duration_s
+    return MelConfig.preset(cfg.preset, **overrides)
+
+class FeaturesBase(StageTask):
+    stage = "features"
+
+    def requires(self) -> Dataset:
+        return self.clone(Dataset)
+
+    @property
+    def key(self) -> str:
+        return params_key([self.clone(Dataset).key, mel_config().key(), features().shard_size])
+
+    def shards(self) -> list[list[tuple[str, str]]]:
+        return shard_tracks(read_manifest(self.input().path, status="ok"), features().shard_size)
+
+class FeatureShard(FeaturesBase):
+    """``<workdir>/features/<key>/shards/shard-NNNNN.h5``: the log-mels of one slice of the manifest."""
+
+    shard = luigi.IntParameter()
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir / "shards" / f"shard-{self.shard:05d}.h5"))
+
+    def run(self) -> None:
+        tracks = self.shards()[self.shard]
+        result = write_feature_shard(tracks, self.output().path, mel_config(),
+                                     workers=features().processes or None, progress=self.report)
+        write_json_atomic(self.output().path + ".failed.json", result["failed"])
+
+class Features(FeaturesBase):
+    """``<workdir>/features/<key>/features.h5``: one logical dataset over every shard (HDF5 virtual datasets)."""
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir / "features.h5"))
+
+    def run(self):
+        # the shard count is known only once the manifest exists: dynamic dependencies
+        shard_tasks = [self.clone(FeatureShard, shard=i) for i in range(len(self.shards()))]
+        yield shard_tasks
+        merge_feature_shards([t.output().path for t in shard_tasks], self.output().path)

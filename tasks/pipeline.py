@@ -1,0 +1,188 @@
+"""The whole pipeline: the wrapper task, running it (locally or against luigid), reruns and status."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import luigi
+import pyarrow.parquet as pq
+from luigi.execution_summary import LuigiStatusCode
+
+from models import MODEL_NAMES
+from pipeline.errors import MelsearchError
+from pipeline.manifest import read_manifest
+from tasks.base import StageTask
+from tasks.dataset import Dataset
+from tasks.features import Features
+from tasks.search import Embeddings, Index
+from tasks.train import CompareModels, Train
+
+log = logging.getLogger(__name__)
+
+STAGES = ("dataset", "features", "train", "embeddings", "index")
+STAGE_TASKS = {"dataset": Dataset, "features": Features, "train": Train, "embeddings": Embeddings, "index": Index}
+
+
+def model_names(model: str) -> list[str]:
+    """``all`` -> every registered model; otherwise the one name, checked against the registry."""
+    if model == "all":
+        return list(MODEL_NAMES)
+    if model not in MODEL_NAMES:
+        raise MelsearchError(f"unknown model {model!r} (choose from {', '.join(MODEL_NAMES)} or all)")
+    return [model]
+
+
+class Pipeline(luigi.WrapperTask):
+    """Every stage up to ``stage`` for each model in ``models`` (plus a comparison plot for several models)."""
+
+    workdir = luigi.Parameter(default="data/work")
+    audio_dir = luigi.Parameter(default="")
+    archive = luigi.Parameter(default="")
+    stage = luigi.ChoiceParameter(choices=list(STAGES), default="index")
+    models = luigi.ListParameter(default=["cifar10"])
+
+    def requires(self) -> list[luigi.Task]:
+        source = {"workdir": self.workdir, "audio_dir": self.audio_dir, "archive": self.archive}
+        if STAGES.index(self.stage) < STAGES.index("train"):
+            return [STAGE_TASKS[self.stage](**source)]
+        tasks = [STAGE_TASKS[self.stage](model=name, **source) for name in self.models]
+        if len(self.models) > 1:
+            tasks.append(CompareModels(models=list(self.models), **source))
+        return tasks
+
+
+def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
+    """Every stage task in ``root``'s static DAG, grouped by stage name, upstream stages first."""
+    found: dict[str, StageTask] = {}
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        if isinstance(task, StageTask) and not isinstance(task, CompareModels):
+            found[task.task_id] = task
+        pending.extend(luigi.task.flatten(task.requires()))
+    grouped: dict[str, list[StageTask]] = {stage: [] for stage in STAGES}
+    for task in found.values():
+        stage = next(name for name, cls in STAGE_TASKS.items() if isinstance(task, cls))
+        grouped[stage].append(task)
+    return grouped
+
+
+def clear_outputs(task: StageTask) -> None:
+    """Remove a stage task's current outputs (the dataset's extracted audio and downloads are kept)."""
+    target = Path(task.output().path)
+    if isinstance(task, Dataset):
+        target.unlink(missing_ok=True)
+        return
+    folder = target.parent
+    if folder.is_dir():
+        trash = folder.with_name(f".{folder.name}.removing")
+        os.replace(folder, trash)  # one rename: a kill mid-removal never leaves a half-deleted output in place
+        shutil.rmtree(trash)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<workdir>/.lock`` for a local-scheduler run; a second run on the same folder is refused at once."""
+    path = Path(workdir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise MelsearchError(
+                f"{workdir}: another melsearch run (pid {holder}) is using this work directory; "
+                "wait for it to finish, or run both against luigid (--scheduler-url)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+
+
+def run_pipeline(
+    *,
+    workdir: str,
+    audio_dir: str = "",
+    archive: str = "",
+    stage: str = "index",
+    models: Sequence[str] = ("cifar10",),
+    rerun: str | None = None,
+    workers: int = 1,
+    scheduler_url: str | None = None,
+) -> luigi.Task:
+    """Run the pipeline up to ``stage``; return the wrapper task. Raises MelsearchError when any task failed.
+
+    ``rerun`` removes that stage's current outputs and every downstream stage's first. Without
+    ``scheduler_url`` Luigi's local scheduler runs it under a work-directory lock; with it, ``luigid``
+    coordinates every worker (possibly on other machines sharing the work directory).
+    """
+    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, stage=stage, models=list(models))
+    lock = workdir_lock(workdir) if scheduler_url is None else contextlib.nullcontext()
+    with lock:
+        if rerun:
+            if STAGES.index(rerun) > STAGES.index(stage):
+                raise MelsearchError(f"--rerun {rerun} is downstream of --stage {stage}")
+            for name in STAGES[STAGES.index(rerun):]:
+                for task in stage_tasks(root)[name]:
+                    log.info("removing %s outputs in %s", name, Path(task.output().path).parent)
+                    clear_outputs(task)
+        kwargs = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        result = luigi.build([root], workers=workers, detailed_summary=True, log_level=level, **kwargs)
+    if result.status not in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY):
+        outcome = result.status.name.lower().replace("_", " ")
+        raise MelsearchError(f"pipeline did not finish ({outcome}); see the errors above")
+    return root
+
+
+def _figures(stage: str, task: StageTask) -> dict:
+    out = Path(task.output().path)
+    if stage == "dataset":
+        rows = read_manifest(out)
+        splits: dict[str, int] = {}
+        for row in rows:
+            if row["status"] == "ok":
+                splits[row["split"] or "unlabelled"] = splits.get(row["split"] or "unlabelled", 0) + 1
+        rejected = [row for row in rows if row["status"] == "rejected"]
+        return {"tracks": len(rows), "ok": len(rows) - len(rejected), "rejected": len(rejected), "splits": splits,
+                "rejected_files": [{"track_id": r["track_id"], "reason": r["reason"]} for r in rejected]}
+    if stage == "features":
+        failed = [f for p in sorted(out.parent.glob("shards/*.failed.json")) for f in json.loads(p.read_text())]
+        return {"shards": len(list(out.parent.glob("shards/*.h5"))), "failed": len(failed), "failed_tracks": failed}
+    if stage == "embeddings":
+        meta = pq.read_metadata(out)
+        return {"tracks": meta.num_rows}
+    return json.loads(out.read_text())  # train: metrics.json; index: meta.json
+
+
+def pipeline_status(
+    *, workdir: str, audio_dir: str = "", archive: str = "", models: Sequence[str] = ("cifar10",)
+) -> dict:
+    """Per stage: whether its outputs for these settings exist, their paths and headline figures."""
+    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, stage="index", models=list(models))
+    status = {}
+    for stage, tasks in stage_tasks(root).items():
+        entries = []
+        for task in tasks:
+            done = task.complete()
+            entry = {"done": done, "output": task.output().path}
+            if getattr(task, "model", None):
+                entry["model"] = task.model
+            if done:
+                entry["figures"] = _figures(stage, task)
+            entries.append(entry)
+        status[stage] = {"done": all(e["done"] for e in entries), "outputs": entries}
+    return status
