@@ -129,7 +129,9 @@ def fetch_gtzan(
     )
 
 
-def _unsafe_reason(name: str, *, is_link: bool = False, link_target: str = "", is_special: bool = False) -> str:
+def _unsafe_reason(
+    name: str, *, is_symlink: bool = False, is_hardlink: bool = False, link_target: str = "", is_special: bool = False
+) -> str:
     """Why an archive member may not be extracted ("" when it is safe)."""
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or (len(name) > 1 and name[1] == ":"):
@@ -138,9 +140,10 @@ def _unsafe_reason(name: str, *, is_link: bool = False, link_target: str = "", i
         return "path with '..'"
     if is_special:
         return "device, fifo or other special file"
-    if is_link:
+    if is_symlink or is_hardlink:
         target = PurePosixPath(link_target.replace("\\", "/"))
-        resolved = os.path.normpath(str(pure.parent / target))
+        # a symlink's target is relative to its folder, a hard link's to the archive's root
+        resolved = os.path.normpath(str((pure.parent if is_symlink else PurePosixPath()) / target))
         if target.is_absolute() or resolved == ".." or resolved.startswith("../"):
             return f"link pointing outside the archive ({link_target})"
     return ""
@@ -173,7 +176,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
                 members = tf.getmembers()
                 for m in members:
                     reason = _unsafe_reason(
-                        m.name, is_link=m.issym() or m.islnk(), link_target=m.linkname,
+                        m.name, is_symlink=m.issym(), is_hardlink=m.islnk(), link_target=m.linkname,
                         is_special=m.isdev() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()),
                     )
                     if reason:
