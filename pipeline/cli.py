@@ -46,6 +46,12 @@ def _luigi_config(args: argparse.Namespace) -> None:
         ("train", "epochs"): args.epochs,
         ("train", "device"): args.device,
     }
+    for item in args.set or []:
+        name, sep, value = item.partition("=")
+        section, dot, option = name.partition(".")
+        if not (sep and dot and section and option):
+            raise MelsearchError(f"--set {item!r}: expected SECTION.OPTION=VALUE, e.g. features.n_mels=96")
+        overrides[(section, option)] = value
     for (section, option), value in overrides.items():
         if value is not None:
             if not config.has_section(section):
@@ -65,6 +71,8 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=["default", "choi"], default=None, help="log-mel settings")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",
+                        help="any luigi.cfg stage setting, e.g. --set features.n_mels=96 (repeatable)")
 
 
 def _models(args: argparse.Namespace) -> list[str]:
