@@ -6,12 +6,13 @@ that training, embeddings and queries use. Every setting lives in :class:`MelCon
 in each file's attributes so features made with other settings are never read by mistake.
 
 The log-mel equals ``librosa.power_to_db(librosa.feature.melspectrogram(y=...))`` to well within
-1e-3 dB, but is about a third cheaper: the mel filterbank is built once per process and applied band by
-band over its non-zero bins only, and the STFT runs over contiguous frame blocks.
+1e-3 dB (about 1e-5 dB), at two thirds of the cost: the mel filterbank is built once per process and
+applied as a sparse matrix to cache-sized blocks of the spectrum.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import json
@@ -31,6 +32,7 @@ from typing import Any
 import h5py
 import librosa
 import numpy as np
+import scipy.sparse
 import soundfile as sf
 import soxr
 from tqdm import tqdm
@@ -50,10 +52,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # librosa.power_to_db's defaults, fixed here so a librosa release cannot change our features silently.
 _DB_REF, _DB_AMIN, _DB_TOP = 1.0, 1e-10, 80.0
-# Frames per FFT call: small enough that a block and its spectrum stay in a core's cache.
+# Frames per FFT call: small enough that a block and its spectrum stay in a core's L2 cache.
 _FFT_BLOCK = 64
 # Results a pool may hold beyond those being written, per worker: keeps workers busy, bounds memory.
 _IN_FLIGHT_PER_WORKER = 2
+# mallopt parameters from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass(frozen=True)
@@ -131,35 +135,33 @@ class _MelPlan:
     """What one configuration needs for every clip, built once per process."""
 
     window: np.ndarray  # (n_fft,) float64 periodic Hann, as librosa.stft uses
-    bands: tuple[tuple[int, int, np.ndarray], ...]  # per mel band: first bin, end bin, float32 weights there
+    filters: scipy.sparse.csr_array  # (n_mels, 1 + n_fft // 2) float32 Slaney mel filterbank, mostly zeros
 
 
 @functools.lru_cache(maxsize=8)
 def _mel_plan(cfg: MelConfig) -> _MelPlan:
-    basis = librosa.filters.mel(
+    filters = librosa.filters.mel(
         sr=cfg.sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, dtype=np.float32
     )
-    bands = []
-    for weights in basis:
-        nonzero = np.flatnonzero(weights)
-        lo, hi = (int(nonzero[0]), int(nonzero[-1]) + 1) if nonzero.size else (0, 0)
-        bands.append((lo, hi, np.ascontiguousarray(weights[lo:hi])))
-    return _MelPlan(window=librosa.filters.get_window("hann", cfg.n_fft, fftbins=True), bands=tuple(bands))
+    window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True)
+    return _MelPlan(window=window, filters=scipy.sparse.csr_array(filters))
 
 
-def _power_spectrogram(samples: np.ndarray, n_fft: int, hop_length: int, window: np.ndarray) -> np.ndarray:
-    """|STFT|^2 of a zero-padded, centred STFT: (n_frames, 1 + n_fft // 2) float32.
+def _mel_power(samples: np.ndarray, cfg: MelConfig, plan: _MelPlan) -> np.ndarray:
+    """Mel power spectrogram ``filters @ |STFT|^2``: (n_mels, 1 + n_samples // hop_length) float32.
 
-    librosa.stft(center=True, pad_mode="constant") frames the same way; its window is float64, so the FFT
-    runs in float64 here too (as fast as float32 with numpy's pocketfft, and closer to librosa).
+    The STFT frames like librosa.stft(center=True, pad_mode="constant"), and runs in float64 because
+    librosa's window is float64 (numpy's FFT is no faster in float32). Going block by block keeps the
+    spectrum in cache, and the sparse filterbank skips the zeros that make up 98% of the dense one.
     """
-    padded = np.pad(samples, n_fft // 2)
-    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length]  # (n_frames, n_fft) view
-    power = np.empty((frames.shape[0], 1 + n_fft // 2), dtype=np.float32)
+    padded = np.pad(samples, cfg.n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length]  # (n_frames, n_fft)
+    mel = np.empty((cfg.n_mels, frames.shape[0]), dtype=np.float32)
     for start in range(0, frames.shape[0], _FFT_BLOCK):
-        spectrum = np.fft.rfft(frames[start : start + _FFT_BLOCK] * window, axis=-1)
-        power[start : start + _FFT_BLOCK] = spectrum.real**2 + spectrum.imag**2
-    return power
+        spectrum = np.fft.rfft(frames[start : start + _FFT_BLOCK] * plan.window, axis=-1)  # (block, n_bins)
+        power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+        mel[:, start : start + _FFT_BLOCK] = plan.filters @ power.T
+    return mel
 
 
 def extract_log_mel(samples: np.ndarray, cfg: MelConfig) -> np.ndarray:
@@ -181,12 +183,7 @@ def extract_log_mel(samples: np.ndarray, cfg: MelConfig) -> np.ndarray:
     samples = np.asarray(samples)
     if samples.ndim != 1 or samples.size == 0:
         raise MelsearchError(f"extract_log_mel needs non-empty 1-D samples, got shape {samples.shape}")
-    plan = _mel_plan(cfg)
-    power = _power_spectrogram(samples.astype(np.float32, copy=False), cfg.n_fft, cfg.hop_length, plan.window)
-    mel = np.empty((cfg.n_mels, power.shape[0]), dtype=np.float32)
-    # Each mel filter covers a few bins: a dot product over those alone costs a quarter of the dense matmul.
-    for band, (lo, hi, weights) in enumerate(plan.bands):
-        np.dot(power[:, lo:hi], weights, out=mel[band])
+    mel = _mel_power(samples.astype(np.float32, copy=False), cfg, _mel_plan(cfg))
     if not np.isfinite(mel).all():
         raise MelsearchError("samples contain NaN or infinity")
     return librosa.power_to_db(mel, ref=_DB_REF, amin=_DB_AMIN, top_db=_DB_TOP)
@@ -250,9 +247,25 @@ def _extract_track(path: str, cfg: MelConfig) -> tuple[np.ndarray, int] | str:
 def _init_worker(cfg: MelConfig, parent_pid: int) -> None:
     """Pool initializer: build the mel plan once, leave Ctrl-C to the parent, exit if the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _keep_freed_memory()
     _mel_plan(cfg)
     # A SIGKILLed parent cannot stop its pool, and an idle worker would wait on its queue forever.
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed arrays rather than hand them back to the kernel after every clip.
+
+    Each clip allocates and frees a few MB of arrays; by default glibc unmaps or trims them and the next
+    clip page-faults them back in, which costs a fifth of the CPU time. A pool worker is ours to tune;
+    it then keeps at most its high-water mark. A no-op where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling on 64-bit; larger arrays are still mapped
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
