@@ -13,7 +13,6 @@ SOURCE := $(if $(AUDIO_DIR),--audio-dir "$(AUDIO_DIR)",$(if $(ARCHIVE),--archive
 # The venv is rebuilt when setup.cfg or the constraints change.
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
