@@ -308,7 +308,8 @@ def write_feature_shard(
     The file holds ``mel`` (N, n_mels, n_frames) in ``cfg.dtype`` (dB, one track per chunk), ``track_id``
     (N,) utf-8 and ``n_frames`` (N,) int32 (frames holding audio), in the order of ``tracks`` minus the
     tracks that failed to decode; attributes ``mel_config`` and ``versions`` (JSON). Results stream into
-    the file, so memory does not grow with the number of tracks; the file appears only when complete.
+    the file, so memory does not grow with the number of tracks (but for the ids); the file appears only
+    when complete.
 
     Parameters
     ----------
@@ -329,36 +330,40 @@ def write_feature_shard(
     if workers < 1:
         raise MelsearchError(f"workers must be >= 1, got {workers}")
     workers = max(1, min(workers, len(tracks)))
-    total, rows, failed = len(tracks), 0, []
     shape = (cfg.n_mels, cfg.n_frames)
+    written: list[str] = []  # ids and lengths are small: written once at the end
+    n_frames: list[int] = []
+    failed: list[dict] = []
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
-        mel = h5.create_dataset("mel", (total, *shape), maxshape=(None, *shape), dtype=cfg.dtype, chunks=(1, *shape))
-        ids = h5.create_dataset("track_id", (total,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
-        frames = h5.create_dataset("n_frames", (total,), maxshape=(None,), dtype=np.int32)
+        mel = h5.create_dataset(
+            "mel", (len(tracks), *shape), maxshape=(None, *shape), dtype=cfg.dtype, chunks=(1, *shape)
+        )
         results = _extract_all([path for _, path in tracks], cfg, workers)
         try:
-            with tqdm(total=total, desc=f"features {out_path.name}", unit="track", disable=None) as bar:
+            with tqdm(total=len(tracks), desc=f"features {out_path.name}", unit="track", disable=None) as bar:
                 for done, ((track_id, path), result) in enumerate(zip(tracks, results, strict=True), start=1):
                     if isinstance(result, str):
                         log.warning("skipping %s: %s", track_id, result)
                         failed.append({"track_id": track_id, "path": path, "reason": result})
                     else:
-                        mel[rows], frames[rows] = result
-                        ids[rows] = track_id
-                        rows += 1
+                        # A row is exactly one uncompressed chunk: hand HDF5 its bytes, at half the cost of mel[i] = x.
+                        mel.id.write_direct_chunk((len(written), 0, 0), np.ascontiguousarray(result[0], mel.dtype))
+                        written.append(track_id)
+                        n_frames.append(result[1])
                     bar.update()
                     if progress is not None:
-                        progress(done, total)
+                        progress(done, len(tracks))
         except BrokenProcessPool as exc:
             raise MelsearchError(f"{out_path}: a feature worker process died ({exc})") from exc
         finally:
             results.close()
-        for dataset in (mel, ids, frames):
-            dataset.resize(rows, axis=0)
+        mel.resize(len(written), axis=0)
+        h5.create_dataset("track_id", data=written, dtype=h5py.string_dtype("utf-8"))
+        h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
         h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
         h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
-    log.info("%s: %d tracks written, %d failed", out_path, rows, len(failed))
-    return {"written": rows, "failed": failed}
+    log.info("%s: %d tracks written, %d failed", out_path, len(written), len(failed))
+    return {"written": len(written), "failed": failed}
 
 
 def _check_unique(track_ids: Sequence[str], path: Path) -> None:
