@@ -7,7 +7,7 @@ in each file's attributes so features made with other settings are never read by
 
 The log-mel equals ``librosa.power_to_db(librosa.feature.melspectrogram(y=...))`` to well within
 1e-3 dB (about 1e-5 dB), at two thirds of the cost: the mel filterbank is built once per process and
-applied as a sparse matrix to cache-sized blocks of the spectrum.
+applied to cache-sized blocks of the spectrum, skipping most of its zeros.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 import h5py
 import librosa
 import numpy as np
-import scipy.sparse
 import soundfile as sf
 import soxr
 from tqdm import tqdm
@@ -54,6 +53,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 _DB_REF, _DB_AMIN, _DB_TOP = 1.0, 1e-10, 80.0
 # Frames per FFT call: small enough that a block and its spectrum stay in a core's L2 cache.
 _FFT_BLOCK = 64
+# Mel bands per matrix product: fewer means fewer zeros multiplied but more calls (16 is fastest for 128).
+_BANDS_PER_GROUP = 16
 # Results a pool may hold beyond those being written, per worker: keeps workers busy, bounds memory.
 _IN_FLIGHT_PER_WORKER = 2
 # mallopt parameters from glibc's <malloc.h>.
@@ -135,7 +136,9 @@ class _MelPlan:
     """What one configuration needs for every clip, built once per process."""
 
     window: np.ndarray  # (n_fft,) float64 periodic Hann, as librosa.stft uses
-    filters: scipy.sparse.csr_array  # (n_mels, 1 + n_fft // 2) float32 Slaney mel filterbank, mostly zeros
+    # The Slaney filterbank (n_mels, 1 + n_fft // 2) float32 is 98% zeros: it is kept as groups of
+    # consecutive bands, each with the bins where any of them is non-zero: (first band, first bin, weights).
+    groups: tuple[tuple[int, int, np.ndarray], ...]
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,8 +146,14 @@ def _mel_plan(cfg: MelConfig) -> _MelPlan:
     filters = librosa.filters.mel(
         sr=cfg.sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, dtype=np.float32
     )
+    groups = []
+    for first in range(0, cfg.n_mels, _BANDS_PER_GROUP):
+        weights = filters[first : first + _BANDS_PER_GROUP]
+        bins = np.flatnonzero(weights.any(axis=0))
+        lo, hi = (int(bins[0]), int(bins[-1]) + 1) if bins.size else (0, 0)
+        groups.append((first, lo, np.ascontiguousarray(weights[:, lo:hi])))
     window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True)
-    return _MelPlan(window=window, filters=scipy.sparse.csr_array(filters))
+    return _MelPlan(window=window, groups=tuple(groups))
 
 
 def _mel_power(samples: np.ndarray, cfg: MelConfig, plan: _MelPlan) -> np.ndarray:
@@ -152,7 +161,7 @@ def _mel_power(samples: np.ndarray, cfg: MelConfig, plan: _MelPlan) -> np.ndarra
 
     The STFT frames like librosa.stft(center=True, pad_mode="constant"), and runs in float64 because
     librosa's window is float64 (numpy's FFT is no faster in float32). Going block by block keeps the
-    spectrum in cache, and the sparse filterbank skips the zeros that make up 98% of the dense one.
+    spectrum in cache, and the grouped filterbank skips most of the zeros of the dense one.
     """
     padded = np.pad(samples, cfg.n_fft // 2)
     frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length]  # (n_frames, n_fft)
@@ -160,7 +169,9 @@ def _mel_power(samples: np.ndarray, cfg: MelConfig, plan: _MelPlan) -> np.ndarra
     for start in range(0, frames.shape[0], _FFT_BLOCK):
         spectrum = np.fft.rfft(frames[start : start + _FFT_BLOCK] * plan.window, axis=-1)  # (block, n_bins)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
-        mel[:, start : start + _FFT_BLOCK] = plan.filters @ power.T
+        for first, lo, weights in plan.groups:
+            block = mel[first : first + weights.shape[0], start : start + _FFT_BLOCK]
+            np.matmul(weights, power[:, lo : lo + weights.shape[1]].T, out=block)
     return mel
 
 
