@@ -12,6 +12,7 @@ applied to cache-sized blocks of the spectrum, skipping most of its zeros.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import itertools
@@ -285,11 +286,15 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _extract_all(paths: list[str], cfg: MelConfig, workers: int) -> Iterator[tuple[np.ndarray, int] | str]:
-    """:func:`_extract_track` for each path, in order; at most a few results wait in memory at any time."""
+@contextlib.contextmanager
+def _extraction(paths: list[str], cfg: MelConfig, workers: int) -> Iterator[Iterator[tuple[np.ndarray, int] | str]]:
+    """Yield an iterator of :func:`_extract_track` over ``paths``, in order, computed by ``workers`` processes.
+
+    The pool starts (forks) on entry, before the caller opens files or starts threads. At most
+    ``_IN_FLIGHT_PER_WORKER * workers`` results wait in memory at any time.
+    """
     if workers == 1:
-        for path in paths:
-            yield _extract_track(path, cfg)
+        yield (_extract_track(path, cfg) for path in paths)
         return
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cfg, os.getpid()))
     try:
@@ -297,11 +302,15 @@ def _extract_all(paths: list[str], cfg: MelConfig, workers: int) -> Iterator[tup
         pending = deque(
             pool.submit(_extract_track, path, cfg) for path in itertools.islice(todo, _IN_FLIGHT_PER_WORKER * workers)
         )
-        while pending:
-            result = pending.popleft().result()
-            for path in itertools.islice(todo, 1):
-                pending.append(pool.submit(_extract_track, path, cfg))
-            yield result
+
+        def in_order() -> Iterator[tuple[np.ndarray, int] | str]:
+            while pending:
+                result = pending.popleft().result()
+                for path in itertools.islice(todo, 1):
+                    pending.append(pool.submit(_extract_track, path, cfg))
+                yield result
+
+        yield in_order()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -337,7 +346,7 @@ def write_feature_shard(
     tracks = [(str(track_id), str(path)) for track_id, path in tracks]
     out_path = Path(out_path)
     _check_unique([track_id for track_id, _ in tracks], out_path)
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise MelsearchError(f"workers must be >= 1, got {workers}")
     workers = max(1, min(workers, len(tracks)))
@@ -345,12 +354,15 @@ def write_feature_shard(
     written: list[str] = []  # ids and lengths are small: written once at the end
     n_frames: list[int] = []
     failed: list[dict] = []
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
-        mel = h5.create_dataset(
-            "mel", (len(tracks), *shape), maxshape=(None, *shape), dtype=cfg.dtype, chunks=(1, *shape)
-        )
-        results = _extract_all([path for _, path in tracks], cfg, workers)
-        try:
+    try:
+        with (
+            _extraction([path for _, path in tracks], cfg, workers) as results,
+            atomic_path(out_path) as tmp,
+            h5py.File(tmp, "w") as h5,
+        ):
+            mel = h5.create_dataset(
+                "mel", (len(tracks), *shape), maxshape=(None, *shape), dtype=cfg.dtype, chunks=(1, *shape)
+            )
             with tqdm(total=len(tracks), desc=f"features {out_path.name}", unit="track", disable=None) as bar:
                 for done, ((track_id, path), result) in enumerate(zip(tracks, results, strict=True), start=1):
                     if isinstance(result, str):
@@ -364,15 +376,13 @@ def write_feature_shard(
                     bar.update()
                     if progress is not None:
                         progress(done, len(tracks))
-        except BrokenProcessPool as exc:
-            raise MelsearchError(f"{out_path}: a feature worker process died ({exc})") from exc
-        finally:
-            results.close()
-        mel.resize(len(written), axis=0)
-        h5.create_dataset("track_id", data=written, dtype=h5py.string_dtype("utf-8"))
-        h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
-        h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
-        h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
+            mel.resize(len(written), axis=0)
+            h5.create_dataset("track_id", data=written, dtype=h5py.string_dtype("utf-8"))
+            h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
+            h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+            h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
+    except BrokenProcessPool as exc:  # killed by the OOM killer, say
+        raise MelsearchError(f"{out_path}: a feature worker process died ({exc})") from exc
     log.info("%s: %d tracks written, %d failed", out_path, len(written), len(failed))
     return {"written": len(written), "failed": failed}
 

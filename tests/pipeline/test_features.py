@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pipeline import features
 from pipeline.errors import MelsearchError
 from pipeline.features import (
     FeatureStore,
@@ -330,3 +332,22 @@ def test_store_errors_name_the_file(tmp_path: Path, clips: list[tuple[str, str]]
     (tmp_path / "s.h5").unlink()  # a virtual dataset would read zeros: the store must refuse
     with pytest.raises(MelsearchError, match="all.h5: its shard s.h5 is missing"):
         FeatureStore.open(tmp_path / "all.h5")
+
+
+_extract_track = features._extract_track
+
+
+def _die_on_second_clip(path: str, cfg: MelConfig) -> tuple[np.ndarray, int] | str:
+    if path.endswith(".00001.wav"):
+        os._exit(1)  # what the OOM killer does to a worker
+    return _extract_track(path, cfg)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches forked workers only")
+def test_a_dying_worker_fails_the_shard_naming_it(
+    tmp_path: Path, clips: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(features, "_extract_track", _die_on_second_clip)  # the forked workers inherit the patch
+    with pytest.raises(MelsearchError, match=r"shard\.h5: a feature worker process died"):
+        write_feature_shard(clips, tmp_path / "shard.h5", SHORT, workers=2)
+    assert list(tmp_path.iterdir()) == []
