@@ -6,7 +6,10 @@ with every core. Both make the same spectrograms (the script prints their larges
 
 Each method runs in a fresh Python process, so its peak memory is its own; imports and a one-clip warm-up
 happen before the clock starts (the pool's start-up is timed); every clip is read once beforehand so both
-find the files in the page cache. Prints figures, asserts nothing.
+find the files in the page cache. CPU time counts the process and its children (the pool's workers); a
+child's peak RSS counts the pages it shares with its parent after fork (any helper process a library
+forks at import shows there too). Run it at two sizes to see that memory does not grow with the number of
+clips. Prints figures, asserts nothing.
 
     python bench/features.py --audio-dir /work/shared/sample-audio
     python bench/features.py --synthetic 1000
