@@ -149,7 +149,7 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
             total_frames = handle.frames
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * native_sr))
             data = handle.read(frames=frames, dtype="float32", always_2d=True)
-            samples = data.mean(axis=1)
+            samples = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
         duration_s = max(total_frames, samples.size) / native_sr
     except Exception as sf_exc:
         try:

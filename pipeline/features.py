@@ -381,6 +381,7 @@ def write_feature_shard(
             h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
             h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
             h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
+            h5.attrs["failed"] = json.dumps(failed)  # the stage's record of tracks left out, with reasons
     except BrokenProcessPool as exc:  # killed by the OOM killer, say
         raise MelsearchError(f"{out_path}: a feature worker process died ({exc})") from exc
     log.info("%s: %d tracks written, %d failed", out_path, len(written), len(failed))

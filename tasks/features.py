@@ -5,7 +5,7 @@ from __future__ import annotations
 import luigi
 
 from pipeline.features import MelConfig, merge_feature_shards, shard_tracks, write_feature_shard
-from pipeline.io import params_key, write_json_atomic
+from pipeline.io import params_key
 from pipeline.manifest import read_manifest
 from tasks.base import StageTask
 from tasks.config import features
@@ -45,9 +45,8 @@ class FeatureShard(FeaturesBase):
 
     def run(self) -> None:
         tracks = self.shards()[self.shard]
-        result = write_feature_shard(tracks, self.output().path, mel_config(),
-                                     workers=features().processes or None, progress=self.report)
-        write_json_atomic(self.output().path + ".failed.json", result["failed"])
+        write_feature_shard(tracks, self.output().path, mel_config(), workers=features().processes or None,
+                            progress=self.report)
 
 class Features(FeaturesBase):
     """``<workdir>/features/<key>/features.h5``: one logical dataset over every shard (HDF5 virtual datasets)."""

@@ -11,12 +11,14 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import h5py
 import luigi
 import pyarrow.parquet as pq
 from luigi.execution_summary import LuigiStatusCode
 
 from models import MODEL_NAMES
 from pipeline.errors import MelsearchError
+from pipeline.features import FeatureStore
 from pipeline.manifest import read_manifest
 from tasks.base import StageTask
 from tasks.dataset import Dataset
@@ -160,8 +162,14 @@ def _figures(stage: str, task: StageTask) -> dict:
         return {"tracks": len(rows), "ok": len(rows) - len(rejected), "rejected": len(rejected), "splits": splits,
                 "rejected_files": [{"track_id": r["track_id"], "reason": r["reason"]} for r in rejected]}
     if stage == "features":
-        failed = [f for p in sorted(out.parent.glob("shards/*.failed.json")) for f in json.loads(p.read_text())]
-        return {"shards": len(list(out.parent.glob("shards/*.h5"))), "failed": len(failed), "failed_tracks": failed}
+        failed = []
+        shards = sorted(out.parent.glob("shards/*.h5"))
+        for shard in shards:
+            with h5py.File(shard, "r") as h5:
+                failed.extend(json.loads(h5.attrs.get("failed", "[]")))
+        with FeatureStore.open(out) as store:
+            tracks = len(store)
+        return {"tracks": tracks, "shards": len(shards), "failed": len(failed), "failed_tracks": failed}
     if stage == "embeddings":
         meta = pq.read_metadata(out)
         return {"tracks": meta.num_rows}

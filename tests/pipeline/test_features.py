@@ -275,6 +275,8 @@ def test_undecodable_track_is_reported_and_shard_still_written(tmp_path: Path, c
     assert report["written"] == 2
     assert [(f["track_id"], f["path"]) for f in report["failed"]] == [("corrupt", str(corrupt)), ("gone", tracks[3][1])]
     assert all(f["reason"].startswith(f["path"]) for f in report["failed"])
+    with h5py.File(tmp_path / "shard.h5", "r") as h5:  # the shard itself records what it left out
+        assert json.loads(h5.attrs["failed"]) == report["failed"]
     with FeatureStore.open(tmp_path / "shard.h5") as store:
         assert store.track_ids == [clips[0][0], clips[1][0]]
         assert store.read([0, 1]).shape[0] == 2
