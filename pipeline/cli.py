@@ -120,6 +120,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier(args: argparse.Namespace):
+    from pipeline.classifier import GenreClassifier
+    from pipeline.workdir import find_model_dir
+
+    return GenreClassifier.load(args.model_dir or find_model_dir(args.workdir, args.model), device=args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    classifier = _classifier(args)
+    predictions = [classifier.predict(path) for path in args.files]
+    if args.json:
+        print(json.dumps(predictions, indent=2))
+        return 0
+    for p in predictions:
+        top = sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"{p['path']}\t{p['label']}\t" + "  ".join(f"{label} {prob:.2f}" for label, prob in top))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    vector = _classifier(args).encode(args.file)
+    if args.out:
+        with open(args.out, "wb") as handle:  # a handle: np.save would append .npy to a bare name
+            np.save(handle, vector)
+        print(f"wrote {vector.shape[0]}-d vector to {args.out}")
+    else:
+        print(json.dumps([round(float(v), 6) for v in vector]) if args.json else " ".join(f"{v:.6f}" for v in vector))
+    return 0
+
+
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from tasks.scheduler import scheduler_status, start_scheduler, stop_scheduler
 
@@ -155,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", default="wav", choices=["wav", "flac", "ogg", "mp3"])
     synth.set_defaults(func=cmd_synth)
 
+    for name, func, text in (("predict", cmd_predict, "genre and top-3 probabilities per audio file"),
+                             ("encode", cmd_encode, "the embedding vector of one audio file")):
+        command = commands.add_parser(name, help=text)
+        if name == "predict":
+            command.add_argument("files", nargs="+", metavar="FILE")
+        else:
+            command.add_argument("file", metavar="FILE")
+            command.add_argument("--out", help="write the vector to this .npy file")
+        command.add_argument("--workdir", default="data/work")
+        command.add_argument("--model", default=None, help="which trained model (default: the newest)")
+        command.add_argument("--model-dir", default=None, help="an explicit models/<model>-<key> folder")
+        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(func=func)
+
+    # listed for --help only: main() hands `query ...` to the query helper's own parser
+    commands.add_parser("query", help="songs that sound like FILE or --track ID (python -m pipeline.query --help)")
+
     scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1")
     scheduler.add_argument("action", choices=["start", "stop", "status"])
     scheduler.add_argument("--workdir", default="data/work")
@@ -164,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["query"]:
+        from pipeline.query import main as query_main
+
+        return query_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
