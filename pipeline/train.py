@@ -1,0 +1,509 @@
+"""The train stage: one training loop for every genre model, with checkpoints, resumption and evaluation.
+
+:func:`train_model` reads the log-mel features and the manifest's labels and splits, trains on random
+fixed-length crops (standardised per mel band with train-split statistics), keeps the epoch with the lowest
+validation loss, and evaluates a track by averaging the logits of all its non-overlapping crops. The out_dir
+it fills::
+
+    checkpoints/last.pt   model, optimiser, epoch, best weights and score, history (resume from here)
+    checkpoints/best.pt   best weights, their epoch and validation figures
+    model.pt              best weights as a plain state_dict
+    config.json           what rebuilds the model and its input: name, kwargs, labels, normalisation, MelConfig
+    history.csv           one row per epoch; curves.png and confusion.png draw it and the test confusion
+    metrics.json          test accuracy, macro-F1, per-genre precision/recall, confusion; written last
+
+Every file is written atomically and checkpoints hold only tensors and plain values (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (torch's own convention)
+from torch import nn
+from tqdm import tqdm
+
+from models import MODEL_NAMES, build_model
+from pipeline.errors import MelsearchError
+from pipeline.evaluate import (
+    classification_metrics,
+    plot_confusion,
+    plot_curves,
+    plot_model_comparison,
+    write_history,
+)
+from pipeline.features import FeatureStore, MelConfig
+from pipeline.io import atomic_path, params_key, write_json_atomic
+from pipeline.manifest import SPLITS, read_manifest
+
+__all__ = [
+    "TrainConfig",
+    "crop_frames",
+    "load_checkpoint",
+    "plot_model_comparison",
+    "resolve_device",
+    "standardise",
+    "track_outputs",
+    "train_model",
+    "train_step",
+]
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields a rerun may change and still resume the same run: how long to go on and how often to save.
+RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_interval")
+# The learning rate follows a cosine from lr down to this fraction of it over the configured epochs.
+_LR_FLOOR = 0.05
+_CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; ``key()`` names the output folder.
+
+    ``crop_s``: length in seconds of the training crops and of the evaluation windows; ``patience``: epochs
+    without a lower validation loss before stopping; ``checkpoint_interval``: epochs between ``last.pt``
+    writes; ``model_kwargs``: overrides of the model's config dataclass (e.g. ``{"dropout": 0.1}``).
+    """
+
+    model: str
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    crop_s: float = 3.0
+    patience: int = 8
+    seed: int = 0
+    checkpoint_interval: int = 1
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise MelsearchError(f"unknown model {self.model!r} (choose from {', '.join(MODEL_NAMES)})")
+        for name in ("epochs", "batch_size", "patience", "checkpoint_interval"):
+            if int(getattr(self, name)) < 1:
+                raise MelsearchError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "crop_s"):
+            if not float(getattr(self, name)) > 0:
+                raise MelsearchError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise MelsearchError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-serialisable."""
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """Short hash of every field."""
+        return params_key(self.to_dict())
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise MelsearchError(f"unknown device {device!r} (use auto, cpu or cuda)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MelsearchError(f"device {device!r} asked for, but this torch sees no CUDA GPU")
+    if resolved.type not in ("cpu", "cuda"):
+        raise MelsearchError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return resolved
+
+
+def crop_frames(mel_config: MelConfig, crop_s: float) -> int:
+    """Frames in a crop of ``crop_s`` seconds, ``round(crop_s * sr / hop_length)``, at most the clip's frames."""
+    return max(1, min(round(crop_s * mel_config.sr / mel_config.hop_length), mel_config.n_frames))
+
+
+def standardise(mels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(mels - mean) / std`` per mel band: (N, n_mels, T) dB, (n_mels,), (n_mels,) -> (N, n_mels, T) float32."""
+    return ((mels - mean[:, None]) / std[:, None]).astype(np.float32, copy=False)
+
+
+def _band_statistics(mels: np.ndarray, n_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (n_mels,) float32 in dB of each mel band over the frames that hold audio."""
+    total = np.zeros(mels.shape[1])
+    squares = np.zeros(mels.shape[1])
+    for mel, n in zip(mels, n_true, strict=True):
+        frames = mel[:, :n].astype(np.float64)
+        total += frames.sum(axis=1)
+        squares += (frames**2).sum(axis=1)
+    count = int(n_true.sum())
+    mean = total / count
+    # a band that never changes (silent synthetic input) would divide by zero
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0)).clip(min=1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _crop_plan(n_true: np.ndarray, crop: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-overlapping crop of each track's audio: (n_crops,) track indices and start frames.
+
+    A track shorter than one crop still gets one crop at frame 0 (its padding fills the rest).
+    """
+    counts = np.maximum(1, np.asarray(n_true) // crop)
+    tracks = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    starts = (np.arange(tracks.size) - first[tracks]) * crop
+    return tracks, np.minimum(starts, total - crop)
+
+
+def _gather_crops(data: torch.Tensor, tracks: np.ndarray, starts: np.ndarray, crop: int,
+                  device: torch.device) -> torch.Tensor:
+    """Crops of ``data`` (N, n_mels, T): (len(tracks), 1, n_mels, crop) on ``device`` (channels-last on CUDA)."""
+    index = torch.as_tensor(tracks, device=data.device)[:, None, None]
+    frames = torch.as_tensor(starts, device=data.device)[:, None] + torch.arange(crop, device=data.device)
+    bands = torch.arange(data.shape[1], device=data.device)[None, :, None]
+    x = data[index, bands, frames[:, None, :]].unsqueeze(1)  # (b, 1, n_mels, crop)
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, n_true: np.ndarray, *,
+                  crop: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Mean of ``fn`` over every non-overlapping crop of each track.
+
+    Parameters
+    ----------
+    fn : a model's ``forward`` (logits) or ``embed``: (b, 1, n_mels, crop) -> (b, D); call it in eval mode.
+    data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``.
+    n_true : (N,) frames that hold audio per track; crops cover only those.
+    crop, batch_size : crop length in frames, crops per forward pass.
+
+    Returns
+    -------
+    (N, D) float32 on ``device``. On CUDA the forward passes run under bf16 autocast.
+    """
+    tracks, starts = _crop_plan(n_true, crop, data.shape[2])
+    sums = None
+    for begin in range(0, tracks.size, batch_size):
+        x = _gather_crops(data, tracks[begin : begin + batch_size], starts[begin : begin + batch_size], crop, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = fn(x).float()  # (b, D)
+        if sums is None:
+            sums = torch.zeros(len(n_true), out.shape[1], device=device)
+        sums.index_add_(0, torch.as_tensor(tracks[begin : begin + batch_size], device=device), out)
+    counts = torch.as_tensor(np.bincount(tracks, minlength=len(n_true)), device=device, dtype=torch.float32)
+    return sums / counts[:, None]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch ``x`` (B, 1, n_mels, T) float, ``y`` (B,) int64 class indices.
+
+    Returns the batch's summed cross-entropy and count of correct predictions as detached 0-d tensors
+    (left on the device: reading them every step would stall a GPU). ``autocast``: bf16 mixed precision.
+    """
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach() * y.numel(), (logits.argmax(dim=1) == y).sum()
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Cosine decay from ``cfg.lr`` at epoch 1 to ``_LR_FLOOR * cfg.lr`` at ``cfg.epochs``."""
+    progress = (epoch - 1) / max(1, cfg.epochs - 1)
+    return cfg.lr * (_LR_FLOOR + (1 - _LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    required: tuple[str, ...] = ()) -> dict:
+    """``torch.load(path, weights_only=True)`` as a dict holding ``required`` keys, or a one-line MelsearchError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MelsearchError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of arbitrary objects, wrong file type: all mean "corrupt"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MelsearchError(f"{path}: corrupt or unsafe checkpoint ({reason})") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise MelsearchError(f"{path}: not a melsearch checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MelsearchError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinity as null: strict JSON readers reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(value) for value in obj]
+    return obj
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_split_data(features_path: str | os.PathLike, manifest_path: str | os.PathLike) -> dict:
+    """Labelled ``ok`` rows of the train/valid/test splits that have features, their log-mels and labels."""
+    with FeatureStore.open(features_path) as store:
+        rows = [
+            row for row in read_manifest(manifest_path, status="ok") if row["label"] and row["split"] in SPLITS
+        ]
+        have = set(store.track_ids)
+        missing = [row["track_id"] for row in rows if row["track_id"] not in have]
+        if missing:
+            log.warning("%d labelled tracks have no features (failed to decode?), e.g. %s", len(missing), missing[0])
+        rows = [row for row in rows if row["track_id"] in have]
+        positions = store.index_of([row["track_id"] for row in rows])
+        mels = store.read(positions)  # (N, n_mels, n_frames) float32 dB
+        n_true = np.maximum(1, store.n_frames[positions])
+        mel_config = store.config
+    labels = sorted({row["label"] for row in rows})
+    split = np.array([row["split"] for row in rows])
+    if not (split == "train").any():
+        raise MelsearchError(f"{manifest_path}: no labelled train tracks with features in {features_path}")
+    if len(labels) < 2:
+        raise MelsearchError(f"{manifest_path}: training needs at least 2 labels, found {labels}")
+    untrained = sorted(set(labels) - {row["label"] for row in rows if row["split"] == "train"})
+    if untrained:
+        log.warning("labels with no train tracks (always mispredicted): %s", ", ".join(untrained))
+    return {
+        "mels": mels,
+        "n_true": n_true,
+        "y": np.array([labels.index(row["label"]) for row in rows], dtype=np.int64),
+        "split": split,
+        "labels": labels,
+        "mel_config": mel_config,
+    }
+
+
+def _place(mels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The feature tensor on the GPU when it fits in half the free memory (crops then never leave it), else CPU."""
+    data = torch.from_numpy(mels)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if data.nbytes < free // 2:
+            return data.to(device)
+        log.info("features (%.1f GB) stay in pinned CPU memory: too large for the GPU", data.nbytes / 1e9)
+        return data.pin_memory()
+    return data
+
+
+def _evaluate(model: nn.Module, data: torch.Tensor, n_true: np.ndarray, y: np.ndarray, *, crop: int,
+              batch_size: int, device: torch.device) -> tuple[float, float, np.ndarray]:
+    """Track-level mean cross-entropy and accuracy of the crop-averaged logits, and the predictions (N,)."""
+    if len(y) == 0:
+        return math.nan, math.nan, np.zeros(0, dtype=np.int64)
+    model.eval()
+    logits = track_outputs(model, data, n_true, crop=crop, batch_size=batch_size, device=device)
+    target = torch.as_tensor(y, device=device)
+    loss = F.cross_entropy(logits, target).item()
+    predicted = logits.argmax(dim=1).cpu().numpy()
+    return loss, float((predicted == y).mean()), predicted
+
+
+def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
+                cfg: TrainConfig, *, device: str = "auto",
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``cfg.model`` on the features' train split and fill ``out_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    features_path : HDF5 log-mels from the features stage (read with :class:`FeatureStore`).
+    manifest_path : the dataset manifest; rows with ``status == "ok"``, a label and split train/valid/test are
+        used (train: fitting and normalisation; valid: best epoch and early stopping; test: the metrics).
+    out_dir : the model folder; a ``checkpoints/last.pt`` there is resumed (the epoch count goes on) when it
+        comes from the same run (same data, labels and settings but for :data:`RESUMABLE_CHANGES`).
+    cfg : the training settings.
+    device : ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``; CUDA trains with bf16 autocast and
+        channels-last tensors; the CPU uses every core this process may run on.
+    progress : called as ``progress(epoch, cfg.epochs)`` after each epoch.
+
+    Returns
+    -------
+    The contents of ``metrics.json``.
+
+    Raises
+    ------
+    MelsearchError
+        Naming the file, for missing/unreadable inputs, no train tracks, or a corrupt or foreign checkpoint.
+    """
+    # -- seed and device
+    out_dir = Path(out_dir)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    else:
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
+    autocast = dev.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    # -- data: standardised with train-split statistics only
+    d = _load_split_data(features_path, manifest_path)
+    mel_config, labels, y, split, n_true = d["mel_config"], d["labels"], d["y"], d["split"], d["n_true"]
+    crop = crop_frames(mel_config, cfg.crop_s)
+    train_idx = np.flatnonzero(split == "train")
+    mean, std = _band_statistics(d["mels"][train_idx], n_true[train_idx])
+    data = _place(standardise(d["mels"], mean, std), dev)
+    del d
+    subsets = {name: np.flatnonzero(split == name) for name in SPLITS}
+    log.info("%s: %s tracks, %d labels, crops of %d frames, on %s", cfg.model,
+             {name: len(idx) for name, idx in subsets.items()}, len(labels), crop, dev)
+    eval_batch = cfg.batch_size * 4
+
+    def evaluate(name: str) -> tuple[float, float, np.ndarray]:
+        idx = subsets[name]
+        return _evaluate(model, data[torch.as_tensor(idx, device=data.device)], n_true[idx], y[idx], crop=crop,
+                         batch_size=eval_batch, device=dev)
+
+    # -- model, and what a checkpoint must match to be resumed
+    model = build_model(cfg.model, n_classes=len(labels), n_mels=mel_config.n_mels, **cfg.model_kwargs).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    run = {
+        "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
+        "feature_key": mel_config.key(),
+        "labels": labels,
+        "tracks": {name: int(len(idx)) for name, idx in subsets.items()},
+    }
+
+    # -- optimiser and the state to resume
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
+    state = {"epoch": 0, "best_epoch": 0, "best_loss": math.inf, "bad_epochs": 0, "history": []}
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if last_path.exists():
+        ckpt = load_checkpoint(last_path, device=dev, required=(*state, "run", "model", "optimizer", "best_model"))
+        if ckpt["run"] != run:
+            changed = sorted(k for k in run if ckpt["run"].get(k) != run[k])
+            raise MelsearchError(f"{last_path}: checkpoint of another run (differs in {', '.join(changed)}); "
+                                 "remove it or train into another folder")
+        _load_weights(model, ckpt["model"], last_path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise MelsearchError(f"{last_path}: optimiser state does not fit the model ({exc})") from None
+        best_weights = ckpt["best_model"]
+        state = {key: ckpt[key] for key in state}
+        log.info("resuming %s from %s at epoch %d", cfg.model, last_path, state["epoch"])
+
+    # -- the loop: learning rate, forward/backward and step, evaluate, checkpoint, log
+    has_valid = subsets["valid"].size > 0
+    train_counts = np.maximum(1, n_true[train_idx] // crop)
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"] + 1
+        started = time.perf_counter()
+        lr = _lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Seeded per epoch (crops, order, dropout), so a resumed run draws what an uninterrupted one would.
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        # about as many crops per epoch as fit in the train audio without overlap
+        tracks = rng.permutation(np.repeat(train_idx, train_counts))
+        room = np.maximum(n_true[tracks], crop) - crop + 1
+        starts = np.minimum(rng.integers(0, room), data.shape[2] - crop)
+        model.train()
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        seen = 0
+        # a last batch of one would break batch norm on the 1x1 maps at the end of the network
+        n_batches = max(1, len(tracks) // cfg.batch_size + (len(tracks) % cfg.batch_size > 1))
+        for b in tqdm(range(n_batches), desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch",
+                      leave=False, disable=None):
+            chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            x = _gather_crops(data, tracks[chunk], starts[chunk], crop, dev)
+            target = torch.as_tensor(y[tracks[chunk]], device=dev)
+            batch_loss, batch_correct = train_step(model, optimizer, x, target, autocast=autocast)
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += target.numel()
+        valid_loss, valid_acc, _ = evaluate("valid")
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+               "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
+               "seconds": round(time.perf_counter() - started, 3)}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        # without a validation split the last epoch is the best one and training runs to cfg.epochs
+        if not has_valid or valid_loss < state["best_loss"]:
+            state.update(best_epoch=epoch, best_loss=valid_loss if has_valid else math.inf, bad_epochs=0)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            _save_atomic({"model": best_weights, "epoch": epoch, "valid_loss": valid_loss, "valid_acc": valid_acc,
+                          "run": run}, best_path)
+        else:
+            state["bad_epochs"] += 1
+        stopping = state["bad_epochs"] >= cfg.patience or epoch == cfg.epochs
+        if epoch % cfg.checkpoint_interval == 0 or stopping:
+            _save_atomic({**state, "format": _CHECKPOINT_FORMAT, "run": run, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "best_model": best_weights}, last_path)
+        log.info("%s epoch %d/%d: train loss %.4f acc %.3f, valid loss %.4f acc %.3f, lr %.2e, %.1f s",
+                 cfg.model, epoch, cfg.epochs, row["train_loss"], row["train_acc"], valid_loss, valid_acc, lr,
+                 row["seconds"])
+        if progress is not None:
+            progress(epoch, cfg.epochs)
+
+    # -- the best weights, evaluated; artifacts, metrics.json last
+    _load_weights(model, best_weights, last_path)
+    valid_loss, valid_acc, _ = evaluate("valid")
+    test_loss, _, test_pred = evaluate("test")
+    test = classification_metrics(y[subsets["test"]], test_pred, labels)
+    model_cpu = {k: v.detach().cpu().contiguous() for k, v in best_weights.items()}
+    _save_atomic(model_cpu, out_dir / "model.pt")
+    write_json_atomic(out_dir / "config.json", {
+        "model": cfg.model,
+        "model_kwargs": cfg.model_kwargs,
+        "n_classes": len(labels),
+        "labels": labels,
+        "embedding_dim": model.embedding_dim,
+        "input_shape": [1, mel_config.n_mels, crop],
+        "crop_frames": crop,
+        "norm_mean": mean.tolist(),
+        "norm_std": std.tolist(),
+        "mel_config": mel_config.to_dict(),
+        "feature_key": mel_config.key(),
+        "train_config": cfg.to_dict(),
+    })
+    write_history(state["history"], out_dir / "history.csv")
+    title = f"{cfg.model} ({out_dir.name})"
+    plot_curves(state["history"], out_dir / "curves.png", title=title)
+    plot_confusion(test["confusion"], labels, out_dir / "confusion.png", title=f"{title}: test split")
+    metrics = _json_safe({
+        "model": cfg.model,
+        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "stopped_early": state["bad_epochs"] >= cfg.patience,
+        "tracks": run["tracks"],
+        "labels": labels,
+        "valid_loss": valid_loss,
+        "valid_accuracy": valid_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test": test,
+    })
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    log.info("%s: best epoch %d, test accuracy %.3f, macro-F1 %.3f", cfg.model, state["best_epoch"],
+             test["accuracy"], test["macro_f1"])
+    return metrics
