@@ -18,7 +18,6 @@ Every file is written atomically and checkpoints hold only tensors and plain val
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os

@@ -1,0 +1,138 @@
+"""Use a trained model: genre probabilities and embedding vectors of log-mels or audio files.
+
+``GenreClassifier.load(model_dir)`` rebuilds the network from ``config.json`` and ``model.pt`` (loaded with
+``weights_only=True``); files are decoded with exactly the :class:`MelConfig` the model was trained on, and
+a track's output is the mean over its non-overlapping crops, as in training's evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import build_model
+from pipeline.errors import MelsearchError
+from pipeline.features import MelConfig, log_mel_for_file
+from pipeline.train import load_checkpoint, resolve_device, standardise, track_outputs
+
+log = logging.getLogger(__name__)
+
+_CONFIG_KEYS = ("model", "model_kwargs", "labels", "crop_frames", "norm_mean", "norm_std", "mel_config",
+                "feature_key")
+_BATCH = 64  # crops per forward pass
+
+
+class GenreClassifier:
+    """A trained genre model with its input settings.
+
+    Attributes
+    ----------
+    labels : class names, in the order of the probability columns.
+    mel_config : the log-mel parameters the model was trained on.
+    feature_key : ``mel_config.key()``: features with another key must not be fed to this model.
+    embedding_dim : D, the length of :meth:`encode`'s vectors.
+    model_name : ``"cifar10"`` or ``"resnet_v2"``.
+    crop_frames : frames per crop the outputs are averaged over.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: dict, model_dir: Path, device: torch.device) -> None:
+        self.model = model.eval()
+        self.model_dir = model_dir
+        self.device = device
+        self.labels: list[str] = list(config["labels"])
+        self.mel_config = MelConfig.from_dict(config["mel_config"])
+        self.feature_key: str = config["feature_key"]
+        self.model_name: str = config["model"]
+        self.embedding_dim: int = int(model.embedding_dim)
+        self.crop_frames = int(config["crop_frames"])
+        self._mean = np.asarray(config["norm_mean"], dtype=np.float32)
+        self._std = np.asarray(config["norm_std"], dtype=np.float32)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, *, device: str = "cpu") -> GenreClassifier:
+        """Rebuild the model saved in ``model_dir`` (``config.json`` + ``model.pt``) on ``device``.
+
+        Raises
+        ------
+        MelsearchError
+            One line naming the file when the folder, ``config.json`` or ``model.pt`` is missing, unreadable,
+            corrupt, or the weights do not fit the configured model.
+        """
+        model_dir = Path(model_dir)
+        config_path, weights_path = model_dir / "config.json", model_dir / "model.pt"
+        if not config_path.is_file():
+            raise MelsearchError(f"{model_dir}: not a trained model folder (no config.json; train first)")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MelsearchError(f"{config_path}: unreadable model config ({exc})") from None
+        missing = [key for key in _CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+        if missing:
+            raise MelsearchError(f"{config_path}: not a model config (missing {', '.join(missing)})")
+        dev = resolve_device(device)
+        mel_config = MelConfig.from_dict(config["mel_config"])
+        model = build_model(config["model"], n_classes=len(config["labels"]), n_mels=mel_config.n_mels,
+                            **config["model_kwargs"])
+        state = load_checkpoint(weights_path, device="cpu")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MelsearchError(f"{weights_path}: weights do not fit the {config['model']} model ({reason})") from None
+        model = model.to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, config, model_dir, dev)
+
+    def _mean_over_crops(self, fn: Callable[[torch.Tensor], torch.Tensor], mels: np.ndarray,
+                         n_frames: np.ndarray | None) -> torch.Tensor:
+        mels = np.asarray(mels, dtype=np.float32)
+        if mels.ndim != 3 or mels.shape[1] != self.mel_config.n_mels:
+            raise MelsearchError(f"expected log-mels of shape (N, {self.mel_config.n_mels}, frames), got {mels.shape}")
+        total = mels.shape[2]
+        n_true = np.full(len(mels), total) if n_frames is None else np.clip(np.asarray(n_frames), 1, total)
+        data = torch.from_numpy(standardise(mels, self._mean, self._std))
+        with torch.no_grad():
+            return track_outputs(fn, data, n_true, crop=min(self.crop_frames, total), batch_size=_BATCH,
+                                 device=self.device)
+
+    def embed_mels(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of log-mels: (N, n_mels, frames) float dB -> (N, D) float32, the mean over crops.
+
+        ``n_frames`` (N,): frames holding audio per track (a features file's ``n_frames``); crops then skip
+        the zero padding after it. Default: every frame.
+        """
+        return self._mean_over_crops(self.model.embed, mels, n_frames).cpu().numpy()
+
+    def predict_mels(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None) -> np.ndarray:
+        """Class probabilities of log-mels: (N, n_mels, frames) dB -> (N, n_classes) float32, rows sum to 1.
+
+        The softmax of the logits averaged over crops; ``n_frames`` as in :meth:`embed_mels`.
+        """
+        logits = self._mean_over_crops(self.model, mels, n_frames)
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    def _file_mel(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        mel, n_true = log_mel_for_file(path, self.mel_config)  # (n_mels, n_frames) dB, MelsearchError if bad
+        return mel[None], np.array([n_true])
+
+    def predict(self, path: str | os.PathLike) -> dict:
+        """Genre of an audio file: ``{"path", "label", "probabilities": {label: p}}`` (p: float, sum 1)."""
+        mel, n_true = self._file_mel(path)
+        probabilities = self.predict_mels(mel, n_frames=n_true)[0]
+        return {
+            "path": str(path),
+            "label": self.labels[int(probabilities.argmax())],
+            "probabilities": {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)},
+        }
+
+    def encode(self, path: str | os.PathLike) -> np.ndarray:
+        """Embedding of an audio file: (D,) float32, the mean of the penultimate layer over its crops."""
+        mel, n_true = self._file_mel(path)
+        return self.embed_mels(mel, n_frames=n_true)[0]
