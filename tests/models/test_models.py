@@ -1,0 +1,130 @@
+"""Tests for the model registry and both networks: shapes over input sizes, embeddings, checkpoints, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from models import MODEL_NAMES, MODELS, build_model
+from models.cifar10 import Cifar10Net
+from models.resnet_v2 import ResNetV2
+from pipeline.errors import MelsearchError
+
+# (n_mels, frames): Choi's 96 x 1366, the default 128-mel features' 3 s crop, the smallest allowed, odd sizes
+SHAPES = [(96, 1366), (128, 129), (32, 32), (40, 100), (64, 47), (33, 517)]
+EMBEDDING_DIMS = {"cifar10": 512, "resnet_v2": 128}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_registry() -> None:
+    assert MODEL_NAMES == ("cifar10", "resnet_v2")
+    assert MODELS == {"cifar10": Cifar10Net, "resnet_v2": ResNetV2}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_output_and_embedding_shapes(name: str, shape: tuple[int, int]) -> None:
+    model = build_model(name, n_classes=7, n_mels=shape[0]).eval()
+    x = torch.randn(2, 1, *shape)
+    with torch.no_grad():
+        logits, embedding = model(x), model.embed(x)
+    assert logits.shape == (2, 7)
+    assert embedding.shape == (2, EMBEDDING_DIMS[name]) and model.embedding_dim == EMBEDDING_DIMS[name]
+    assert torch.isfinite(logits).all() and torch.isfinite(embedding).all()
+    # the embedding is the penultimate layer: the logits are the head applied to it (no dropout in eval)
+    torch.testing.assert_close(model.head(embedding), logits)
+    # and it depends on the input (not a constant vector)
+    assert not torch.allclose(embedding[0], embedding[1])
+
+
+def test_cifar10_pools_reduce_choi_input_to_one_by_one() -> None:
+    model = build_model("cifar10", n_classes=10, n_mels=96).eval()
+    sizes = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[2:])))
+             for block in model.blocks]
+    with torch.no_grad():
+        model(torch.randn(1, 1, 96, 1366))
+    for hook in hooks:
+        hook.remove()
+    # 96 / (2*2*2*3*4) and 1366 / (4*4*4*5*4), floored at each block
+    assert sizes == [(48, 341), (24, 85), (12, 21), (4, 4), (1, 1)]
+    channels = [block.conv.out_channels for block in model.blocks]
+    assert channels == [32, 32, 64, 128, 256]
+    dropouts = [not isinstance(block.dropout, torch.nn.Identity) for block in model.blocks]
+    assert dropouts == [False, True, False, False, True]
+
+
+def test_cifar10_activation_is_softplus() -> None:
+    block = build_model("cifar10", n_classes=2, n_mels=32).blocks[0].eval()
+    x = torch.randn(1, 1, 4, 8)
+    expected = F.max_pool2d(F.softplus(block.bn(block.conv(x))), (2, 4))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_resnet_v2_stages() -> None:
+    model = build_model("resnet_v2", n_classes=3, n_mels=64)
+    widths = [block.conv2.out_channels for block in model.blocks]
+    assert widths == [32, 32, 64, 64, 128, 128]
+    strides = [block.conv1.stride[0] for block in model.blocks]
+    assert strides == [1, 1, 2, 1, 2, 1]
+
+
+def test_model_kwargs_override_the_config() -> None:
+    model = build_model("resnet_v2", n_classes=3, n_mels=32, channels=(8, 16, 24), blocks_per_stage=1)
+    assert model.embedding_dim == 24 and len(model.blocks) == 3
+    model = build_model("cifar10", n_classes=3, n_mels=32, dense=64, pools=[[2, 2]] * 5)
+    assert model.embedding_dim == 64 and model.blocks[0].pool == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("vgg", {}, "unknown model 'vgg'"),
+        ("cifar10", {"n_mels": 16}, "n_mels >= 32"),
+        ("resnet_v2", {"n_mels": 31}, "n_mels >= 32"),
+        ("resnet_v2", {"width": 3}, "width"),
+    ],
+)
+def test_bad_arguments_raise_melsearch_error(name: str, kwargs: dict, message: str) -> None:
+    kwargs = {"n_mels": 64, **kwargs}
+    with pytest.raises(MelsearchError, match=message):
+        build_model(name, n_classes=4, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_state_dict_round_trip(name: str, tmp_path) -> None:
+    model = build_model(name, n_classes=5, n_mels=40)
+    # move batch-norm statistics off their initial values so the round trip covers buffers too
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 40, 64))
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(99)
+    fresh = build_model(name, n_classes=5, n_mels=40).eval()
+    x = torch.randn(3, 1, 40, 64)
+    assert not torch.allclose(fresh(x), model(x))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh.embed(x), model.embed(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_learns_a_fixed_batch(name: str) -> None:
+    model = build_model(name, n_classes=3, n_mels=32)
+    x, y = torch.randn(12, 1, 32, 40), torch.arange(12) % 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(p.grad is not None for p in model.parameters())
