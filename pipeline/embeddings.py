@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
+from pipeline.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from pipeline.classifier import GenreClassifier
+    from pipeline.features import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +120,105 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[dict], np.ndarray]:
     vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
     rows = table.select(list(ROW_COLUMNS)).to_pylist()
     return rows, vectors
+
+
+def _embedded_batches(
+    classifier: GenreClassifier,
+    store: FeatureStore,
+    rows: Sequence[dict],
+    positions: np.ndarray,
+    schema: pa.Schema,
+    *,
+    batch_size: int,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``batch_size`` tracks: rows of the manifest plus predicted label and unit vector."""
+    with tqdm(total=len(rows), desc="embeddings", unit="track", disable=None) as progress:
+        for start in range(0, len(rows), batch_size):
+            batch, where = rows[start : start + batch_size], positions[start : start + batch_size]
+            mels, n_frames = store.read(where), store.n_frames[where]  # (b, n_mels, frames) dB, (b,)
+            vectors = l2_normalise(classifier.embed_mels(mels, n_frames=n_frames), names=[r["track_id"] for r in batch])
+            predicted = classifier.predict_mels(mels, n_frames=n_frames).argmax(axis=1)
+            batch = [{**row, "predicted_label": classifier.labels[p]} for row, p in zip(batch, predicted, strict=True)]
+            yield _record_batch(batch, vectors, schema)
+            progress.update(len(batch))
+
+
+def _write_row_groups(
+    writer: pq.ParquetWriter, batches: Iterable[pa.RecordBatch], schema: pa.Schema, row_group_size: int
+) -> None:
+    """Write ``batches`` as row groups of exactly ``row_group_size`` rows (the last one shorter)."""
+    pending: list[pa.RecordBatch] = []
+    buffered = 0
+    for batch in batches:
+        pending.append(batch)
+        buffered += batch.num_rows
+        if buffered >= row_group_size:
+            table = pa.Table.from_batches(pending, schema=schema)
+            full = buffered - buffered % row_group_size
+            writer.write_table(table.slice(0, full), row_group_size=row_group_size)
+            pending, buffered = table.slice(full).to_batches(), buffered - full
+    if buffered:
+        writer.write_table(pa.Table.from_batches(pending, schema=schema), row_group_size=row_group_size)
+
+
+def write_embeddings(
+    manifest_path: str | os.PathLike,
+    features_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    row_group_size: int = 1024,
+) -> dict:
+    """Embed every ``ok`` track of the manifest that has features (all splits, unlabelled too) into Parquet.
+
+    A track's vector is the model's penultimate layer averaged over its crops (crops cover only the frames
+    holding audio), scaled to unit L2 norm; ``predicted_label`` is the model's most probable genre.
+    Tracks are read ``batch_size`` at a time and written in row groups of ``row_group_size``, so memory
+    stays bounded by those, not by the number of tracks; the file appears only when complete.
+
+    Parameters
+    ----------
+    manifest_path, features_path : the dataset stage's manifest and the features stage's HDF5.
+    model_dir : a trained model folder (``<workdir>/models/<model>-<key>``); its name is the model key.
+    out_path : the Parquet file to write.
+    device : torch device for the forward passes ("cpu", "cuda", "auto").
+
+    Returns
+    -------
+    ``{"tracks": N, "dim": D}``
+
+    Raises
+    ------
+    MelsearchError
+        When the model was trained on features of another configuration than the store's, or no
+        ``ok`` track of the manifest has features.
+    """
+    from pipeline.classifier import GenreClassifier  # torch: only the writer needs it, not readers of the file
+    from pipeline.features import FeatureStore  # librosa
+
+    model_dir = Path(model_dir).resolve()  # its name is the model key, even when given as '.'
+    classifier = GenreClassifier.load(model_dir, device=device)
+    rows = read_manifest(manifest_path, status="ok")
+    with FeatureStore.open(features_path) as store:
+        if store.config.key() != classifier.feature_key:
+            raise MelsearchError(
+                f"{features_path}: features key {store.config.key()} differ from the {classifier.feature_key} "
+                f"that model {model_dir} was trained on"
+            )
+        known = set(store.track_ids)
+        missing = [row["track_id"] for row in rows if row["track_id"] not in known]
+        if missing:
+            log.warning("%d ok track(s) have no features and get no embedding: %s", len(missing), missing[:10])
+        rows = [row for row in rows if row["track_id"] in known]
+        if not rows:
+            raise MelsearchError(f"{features_path}: none of the ok tracks of {manifest_path} has features")
+        positions = store.index_of([row["track_id"] for row in rows])
+        metadata = {"model": classifier.model_name, "model_key": model_dir.name, "feature_key": classifier.feature_key}
+        schema = embeddings_schema(classifier.embedding_dim, metadata)
+        batches = _embedded_batches(classifier, store, rows, positions, schema, batch_size=batch_size)
+        with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            _write_row_groups(writer, batches, schema, row_group_size)
+    log.info("embedded %d tracks (%d-d) with %s into %s", len(rows), classifier.embedding_dim, model_dir.name, out_path)
+    return {"tracks": len(rows), "dim": classifier.embedding_dim}
