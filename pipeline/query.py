@@ -1,0 +1,364 @@
+"""The query helper: songs that sound like a track of the index or like any audio file.
+
+``MusicSearch.load(workdir_or_index).query(path_or_track_id, top_k=10)`` searches the memory-mapped
+Annoy index (or, with ``exact=True``, every vector by brute force) together with a small side table of
+songs added since the index was built (``index_audio``; Annoy cannot grow). The next index build of the
+same model folds the side table in (see :func:`pipeline.index.added_table_path`). From a shell::
+
+    python -m pipeline.query song.mp3 --workdir data/work --top-k 5
+    python -m pipeline.query --track blues.00012 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.audio import is_audio_path
+from pipeline.embeddings import embeddings_metadata, l2_normalise, read_embeddings, write_embedding_rows
+from pipeline.errors import MelsearchError
+from pipeline.index import (
+    INDEX_FILE,
+    META_FILE,
+    added_table_path,
+    effective_search_k,
+    exact_neighbours,
+    load_annoy,
+    read_ids,
+    read_index_meta,
+)
+from pipeline.io import file_sha256
+
+if TYPE_CHECKING:
+    from pipeline.classifier import GenreClassifier
+
+log = logging.getLogger(__name__)
+
+# Angular distance under which a result with the query file's bytes counts as the query itself: float32 cosines
+# put identical vectors up to ~6e-4 apart, and a file's features differ from the stored float16 ones by ~5e-4.
+DUPLICATE_DISTANCE = 1e-3
+
+
+class MusicSearch:
+    """A built index (Annoy + id map + meta.json), its side table of added songs, and the model that built it.
+
+    Use :meth:`load`. ``meta`` is the index's meta.json; ``index_dir`` its folder; ``model_dir`` the model
+    folder query files are embedded with (loaded on the first file query unless given to :meth:`load`).
+    """
+
+    def __init__(self, index_dir: Path, meta: dict, model_dir: Path, *, device: str = "cpu") -> None:
+        self.index_dir = index_dir
+        self.meta = meta
+        self.model_dir = model_dir
+        self.device = device
+        self._annoy = load_annoy(index_dir / INDEX_FILE, meta["dim"])
+        self._items = read_ids(index_dir)
+        if self._annoy.get_n_items() != len(self._items):
+            raise MelsearchError(f"{index_dir}: {INDEX_FILE} holds {self._annoy.get_n_items()} items, "
+                                 f"the id map {len(self._items)}")
+        self._item_of = {row["track_id"]: row["item"] for row in self._items}
+        self._exact_vectors: np.ndarray | None = None
+        self._classifier: GenreClassifier | None = None
+        self._added_rows, self._added_vectors = self._read_added()
+
+    @classmethod
+    def load(
+        cls,
+        workdir_or_index: str | os.PathLike,
+        *,
+        model_dir: str | os.PathLike | None = None,
+        model: str | None = None,
+        device: str = "cpu",
+    ) -> MusicSearch:
+        """Open an index folder (one holding meta.json), or the newest index of a work directory.
+
+        Parameters
+        ----------
+        workdir_or_index : ``<workdir>/index/<model>-<key>/`` or a work directory.
+        model_dir : the model to embed query files with; default ``<workdir>/models/<model_key of the index>``.
+            Given, it is loaded now and checked against the index.
+        model : in a work directory, take the newest index of this model name (e.g. ``"resnet_v2"``).
+
+        Raises
+        ------
+        MelsearchError
+            No index built yet; an index built by another model or dimension than ``model_dir``'s.
+        """
+        from pipeline.workdir import find_index_dir
+
+        path = Path(workdir_or_index)
+        if (path / META_FILE).is_file():
+            index_dir = path
+        elif path.is_dir():
+            if model is None and model_dir is not None:
+                model = _model_name(Path(model_dir))
+            index_dir = find_index_dir(path, model)
+        else:
+            raise MelsearchError(f"{path}: no such index folder or work directory")
+        meta = read_index_meta(index_dir)
+        # an index lives in <workdir>/index/<name>/, its model in <workdir>/models/<model_key>/
+        default_model = index_dir.resolve().parent.parent / "models" / meta.get("model_key", "")
+        search = cls(index_dir, meta, Path(model_dir) if model_dir is not None else default_model, device=device)
+        if model_dir is not None:
+            search.classifier  # noqa: B018 (load and check the model the caller named now, not at the first query)
+        return search
+
+    @property
+    def classifier(self) -> GenreClassifier:
+        """The model that embeds query files, loaded on first use and checked against the index."""
+        if self._classifier is None:
+            from pipeline.classifier import GenreClassifier  # torch: not needed for queries by track id
+
+            if not (self.model_dir / "config.json").is_file():
+                raise MelsearchError(f"{self.model_dir}: the model {self.meta['model_key']} that built index "
+                                     f"{self.index_dir} is not here (pass --model-dir)")
+            classifier = GenreClassifier.load(self.model_dir, device=self.device)
+            self._check_model(classifier)
+            self._classifier = classifier
+        return self._classifier
+
+    def _check_model(self, classifier: GenreClassifier) -> None:
+        built_by, dim = self.meta["model_key"], self.meta["dim"]
+        name = self.model_dir.resolve().name
+        if classifier.embedding_dim != dim:
+            raise MelsearchError(f"{self.index_dir}: index of {dim}-d vectors (model {built_by}), but model "
+                                 f"{name} makes {classifier.embedding_dim}-d vectors")
+        if name != built_by or classifier.feature_key != self.meta["feature_key"]:
+            raise MelsearchError(f"{self.index_dir}: index built by model {built_by}, not by {self.model_dir}")
+
+    def _read_added(self) -> tuple[list[dict], np.ndarray]:
+        """Side-table songs that this index does not hold yet: rows, (n, D) float32 unit vectors."""
+        path = added_table_path(self.index_dir, self.meta["model_key"])
+        if not path.is_file():
+            return [], np.zeros((0, self.meta["dim"]), dtype=np.float32)
+        if int(embeddings_metadata(path)["dim"]) != self.meta["dim"]:
+            raise MelsearchError(f"{path}: added songs are not {self.meta['dim']}-d like index {self.index_dir}")
+        rows, vectors = read_embeddings(path)
+        keep = [i for i, row in enumerate(rows) if row["track_id"] not in self._item_of]
+        return [rows[i] for i in keep], vectors[keep]
+
+    def __len__(self) -> int:
+        return len(self._items) + len(self._added_rows)
+
+    def query(self, query: str | os.PathLike, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+        """The ``top_k`` songs nearest to a track id of the index or to an audio file.
+
+        A ``str`` that is a known track id is searched by its stored vector; anything else is read as an
+        audio file (wav, au, mp3, flac, ogg, ...), decoded with the model's log-mel settings and embedded.
+        The query track itself is never returned: not by id, not the item with the same file, not a copy
+        of the file elsewhere (same bytes and distance below ``DUPLICATE_DISTANCE``).
+
+        Returns
+        -------
+        ``[{"rank": 1.., "track_id", "label", "distance": angular (= Euclidean on unit vectors), "path"}]``,
+        nearest first (ties by track id).
+
+        Raises
+        ------
+        MelsearchError
+            Unknown track id (and no such file), unreadable audio file, ``top_k < 1``.
+        """
+        if isinstance(query, str) and self._vector_of(query) is not None:
+            return self.query_track(query, top_k=top_k, exact=exact)
+        path = Path(query)
+        if isinstance(query, str) and not path.exists() and not is_audio_path(path) and os.sep not in query:
+            raise MelsearchError(f"{query}: unknown track id in index {self.index_dir} (and no such file)")
+        return self.query_file(path, top_k=top_k, exact=exact)
+
+    def query_track(self, track_id: str, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+        """:meth:`query` by a track id of the index or the side table (MelsearchError when unknown)."""
+        vector = self._vector_of(track_id)
+        if vector is None:
+            raise MelsearchError(f"{track_id}: unknown track id in index {self.index_dir}")
+        return self._search(vector, top_k, exact=exact, is_query=lambda row, _: row["track_id"] == track_id)
+
+    def query_file(self, path: str | os.PathLike, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+        """:meth:`query` by an audio file (MelsearchError when missing or not decodable)."""
+        path = Path(path)
+        vector, _ = self._embed_file(path)
+        same_file = os.path.realpath(path)
+        digest = functools.cache(_sha256_or_none)
+
+        def is_query(row: dict, distance: float) -> bool:
+            if os.path.realpath(row["path"]) == same_file:
+                return True
+            # a copy of the query's bytes elsewhere; a transcode or a near-identical song stays a result
+            return distance < DUPLICATE_DISTANCE and digest(row["path"]) in (None, digest(same_file))
+
+        return self._search(vector, top_k, exact=exact, is_query=is_query)
+
+    def _vector_of(self, track_id: str) -> np.ndarray | None:
+        if track_id in self._item_of:
+            return np.asarray(self._annoy.get_item_vector(self._item_of[track_id]), dtype=np.float32)
+        for row, vector in zip(self._added_rows, self._added_vectors, strict=True):
+            if row["track_id"] == track_id:
+                return vector
+        return None
+
+    def _embed_file(self, path: Path, *, with_label: bool = False) -> tuple[np.ndarray, str]:
+        """(D,) float32 unit vector of an audio file, and with ``with_label`` its predicted genre ("" without)."""
+        from pipeline.features import log_mel_for_file
+
+        if not path.is_file():
+            raise MelsearchError(f"{path}: no such file")
+        classifier = self.classifier
+        mel, n_true = log_mel_for_file(path, classifier.mel_config)  # (n_mels, n_frames) dB; MelsearchError if bad
+        n_frames = np.array([n_true])
+        vector = l2_normalise(classifier.embed_mels(mel[None], n_frames=n_frames), names=[str(path)])[0]
+        if not with_label:
+            return vector, ""
+        return vector, classifier.labels[int(classifier.predict_mels(mel[None], n_frames=n_frames)[0].argmax())]
+
+    def _index_vectors(self) -> np.ndarray:
+        """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""
+        if self._exact_vectors is None:
+            self._exact_vectors = np.array(
+                [self._annoy.get_item_vector(i) for i in range(len(self._items))], dtype=np.float32
+            ).reshape(len(self._items), self.meta["dim"])
+        return self._exact_vectors
+
+    def _search(
+        self, vector: np.ndarray, top_k: int, *, exact: bool, is_query: Callable[[dict, float], bool]
+    ) -> list[dict]:
+        if top_k < 1:
+            raise MelsearchError(f"top_k must be >= 1, got {top_k}")
+        n = len(self._items)
+        want = top_k + 1  # room for the query itself
+        while True:
+            if exact:
+                ids, dists = exact_neighbours(self._index_vectors(), vector[None], min(want, n))
+                found = list(zip(ids[0].tolist(), dists[0].tolist(), strict=True))
+            else:
+                search_k = effective_search_k(self.meta["search_k"], self.meta["n_trees"], want)
+                ids, dists = self._annoy.get_nns_by_vector(vector, min(want, n), search_k=search_k,
+                                                           include_distances=True)
+                found = list(zip(ids, dists, strict=True))
+            hits = [(d, self._items[i]) for i, d in found if not is_query(self._items[i], d)]
+            # several copies of the query's audio can fill the list: ask for more until top_k remain
+            if len(hits) >= top_k or want >= n:
+                break
+            want *= 2
+        if self._added_rows:
+            added = exact_neighbours(self._added_vectors, vector[None], len(self._added_rows))
+            for i, d in zip(added[0][0].tolist(), added[1][0].tolist(), strict=True):
+                if not is_query(self._added_rows[i], d):
+                    hits.append((d, self._added_rows[i]))
+        hits.sort(key=lambda hit: (hit[0], hit[1]["track_id"]))
+        return [
+            {"rank": rank, "track_id": row["track_id"], "label": row["label"], "distance": round(float(d), 6),
+             "path": row["path"]}
+            for rank, (d, row) in enumerate(hits[:top_k], start=1)
+        ]
+
+    def index_audio(self, path: str | os.PathLike, *, label: str = "") -> str:
+        """Add a song to the side table searched with the index; return its track id.
+
+        The id is ``added/<file name>`` (with 8 hex digits of its sha256 when that name is taken). A file
+        already in the index or the side table (same path) is not added again: its id is returned. The side
+        table (``added-<model_key>.parquet`` beside the index folders) is rewritten atomically; two processes
+        adding at the same moment can lose one of the songs.
+        """
+        path = Path(path)
+        real = os.path.realpath(path)
+        for row in [*self._items, *self._added_rows]:
+            if os.path.realpath(row["path"]) == real:
+                log.info("%s is already indexed as %s", path, row["track_id"])
+                return row["track_id"]
+        vector, predicted = self._embed_file(path, with_label=True)
+        track_id = f"added/{path.name}"
+        if self._vector_of(track_id) is not None:
+            track_id = f"added/{path.stem}-{file_sha256(path)[:8]}{path.suffix}"
+            if self._vector_of(track_id) is not None:
+                return track_id  # the same name and bytes, from another folder
+        row = {"track_id": track_id, "path": str(Path(real)), "label": label, "split": "added",
+               "predicted_label": predicted}
+        table = added_table_path(self.index_dir, self.meta["model_key"])
+        rows, vectors = read_embeddings(table) if table.is_file() else ([], np.zeros((0, self.meta["dim"]), np.float32))
+        metadata = {key: self.meta[key] for key in ("model", "model_key", "feature_key")}
+        write_embedding_rows([*rows, row], np.concatenate([vectors, vector[None]]), table, metadata=metadata)
+        self._added_rows, self._added_vectors = self._read_added()
+        log.info("added %s as %s to %s", path, track_id, table)
+        return track_id
+
+
+def _sha256_or_none(path: str) -> str | None:
+    """The file's sha256, or None when it cannot be read (moved since indexing: its distance decides alone)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _model_name(model_dir: Path) -> str | None:
+    """The model name in a model folder's config.json (None when unreadable: loading it will say why)."""
+    try:
+        return json.loads((model_dir / "config.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """Results as aligned text columns: rank, track id, label, distance, path."""
+    header = ("rank", "track_id", "label", "distance", "path")
+    cells = [header] + [
+        (str(r["rank"]), r["track_id"], r["label"] or "-", f"{r['distance']:.4f}", r["path"]) for r in results
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    lines = []
+    for row in cells:
+        lines.append(
+            f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.query", description="Songs that sound like an audio file or a track of the index."
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", nargs="?", metavar="FILE", help="audio file (wav, au, mp3, flac, ogg, ...)")
+    what.add_argument("--track", metavar="ID", help="a track id of the index (e.g. blues.00012)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
+    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--model-dir", help="embed FILE with this model folder (default: the one that built the index)")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
+    parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, for comparison")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.query`` (and ``melsearch query``): print the neighbours; 1 with one line on errors."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        search = MusicSearch.load(args.index_dir or args.workdir, model_dir=args.model_dir, model=args.model,
+                                  device=args.device)
+        if args.track is not None:
+            results = search.query_track(args.track, top_k=args.top_k, exact=args.exact)
+        else:
+            results = search.query_file(args.file, top_k=args.top_k, exact=args.exact)
+    except MelsearchError as exc:
+        print(f"melsearch: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
