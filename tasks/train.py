@@ -6,8 +6,9 @@ from pathlib import Path
 
 import luigi
 
+from pipeline.evaluate import plot_model_comparison
 from pipeline.io import params_key
-from pipeline.train import TrainConfig, plot_model_comparison, train_model
+from pipeline.train import TrainConfig, train_model
 from tasks.base import StageTask
 from tasks.config import train
 from tasks.dataset import Dataset
