@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_embeddings import tiny_paths, tiny_workdir  # the same tiny trained model, built once per session
+from test_embeddings import TINY_MELS, tiny_paths, tiny_workdir  # the same tiny model, built once per session
 
+from pipeline.dataset import build_manifest
 from pipeline.embeddings import l2_normalise, write_embedding_rows, write_embeddings
 from pipeline.errors import MelsearchError
+from pipeline.features import write_feature_shard
 from pipeline.index import added_table_path, build_annoy_index, read_ids
+from pipeline.manifest import read_manifest
 from pipeline.query import MusicSearch, format_table, main
 from pipeline.synth import SYNTH_CLASSES, synth_clip
 
@@ -238,3 +241,23 @@ def test_module_runs_as_a_script(workdir):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert [r["rank"] for r in json.loads(done.stdout)] == [1, 2]
+
+
+def test_real_clips_never_return_themselves_and_an_mp3_transcode_works(workdir, real_audio_dir, tmp_path):
+    # the real GTZAN clips indexed with the tiny model's settings (first 2 s of each), embedded by that model
+    manifest, features = tmp_path / "manifest.parquet", tmp_path / "features.h5"
+    build_manifest(real_audio_dir, manifest, workers=1)
+    rows = read_manifest(manifest, status="ok")
+    write_feature_shard([(r["track_id"], r["path"]) for r in rows], features, TINY_MELS, workers=1)
+    model_dir = workdir / "models" / "cifar10-tiny"
+    write_embeddings(manifest, features, model_dir, tmp_path / "embeddings" / "e.parquet")
+    figures = build_annoy_index(tmp_path / "embeddings" / "e.parquet", tmp_path / "index" / "real")
+    assert figures["count"] == len(rows) >= 20 and figures["recall_at_10"] >= 0.98
+    search = MusicSearch.load(tmp_path / "index" / "real", model_dir=model_dir)
+    for row in rows:
+        results = search.query(Path(row["path"]), top_k=10)
+        assert len(results) == 10 and row["track_id"] not in [r["track_id"] for r in results]
+    samples, sr = sf.read(rows[0]["path"], frames=5 * 22050)
+    sf.write(tmp_path / "clip.mp3", samples, sr, format="MP3", subtype="MPEG_LAYER_III")
+    results = search.query(tmp_path / "clip.mp3", top_k=5)
+    assert len(results) == 5 and all(r["label"] for r in results)
