@@ -1,0 +1,149 @@
+"""The whole DAG on generated audio: under a real luigid, reruns, failures and SIGKILL at any stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import h5py
+import pyarrow.parquet as pq
+import pytest
+from helpers import FAST, ROOT, melsearch, snapshot, status
+
+STAGE_DIRS = ("dataset", "features", "models", "embeddings", "index")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def files_of(snap: dict, stage: str) -> dict:
+    return {k: v for k, v in snap.items() if k.split(os.sep)[0] == stage}
+
+
+@pytest.fixture(scope="module")
+def built(synth_dir, tmp_path_factory) -> Path:
+    """A work directory with the whole pipeline run once (local scheduler)."""
+    workdir = tmp_path_factory.mktemp("built")
+    melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST)
+    return workdir
+
+
+def test_whole_pipeline_outputs(built, synth_dir):
+    report = status(built, "--audio-dir", str(synth_dir))
+    assert all(report[stage]["done"] for stage in report), report
+    # accuracy on a well-sized synthetic set is asserted in tests/pipeline/test_train.py
+    assert report["train"]["outputs"][0]["figures"]["epochs_run"] == 6
+    embeddings = pq.read_table(report["embeddings"]["outputs"][0]["output"])
+    assert embeddings.num_rows == 24
+    index = report["index"]["outputs"][0]["figures"]
+    assert index["count"] == 24 and index["figures"]["recall_at_10"] >= 0.98
+
+
+def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
+    args = ("run", "--audio-dir", str(synth_dir), "--workdir", str(built), *FAST)
+    before = snapshot(built)
+    started = time.monotonic()
+    melsearch(*args)
+    noop_s = time.monotonic() - started
+    assert snapshot(built) == before, "a no-op rerun changed files"
+    print(f"no-op rerun of the finished pipeline: {noop_s:.1f} s")
+
+    melsearch(*args, "--rerun", "index")
+    after = snapshot(built)
+    for stage in ("dataset", "features", "models", "embeddings"):
+        assert files_of(after, stage) == files_of(before, stage), stage
+    index_files = files_of(after, "index")
+    assert index_files and all(v[1] != before.get(k, (None, None))[1] for k, v in index_files.items())
+
+    melsearch(*args, "--rerun", "train")
+    again = snapshot(built)
+    for stage in ("dataset", "features"):
+        assert files_of(again, stage) == files_of(before, stage), stage
+    for stage in ("models", "embeddings", "index"):
+        changed = files_of(again, stage)
+        assert changed and all(v[1] != after.get(k, (None, None))[1] for k, v in changed.items()), stage
+
+
+def test_failing_task_exits_non_zero(built, synth_dir, tmp_path):
+    workdir = tmp_path / "broken"
+    melsearch("run", "--stage", "features", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST)
+    merged = next(workdir.glob("features/*/features.h5"))
+    merged.write_bytes(b"not hdf5")  # a damaged upstream output
+    result = melsearch("run", "--stage", "train", "--audio-dir", str(synth_dir), "--workdir", str(workdir),
+                       *FAST, check=False)
+    assert result.returncode != 0
+    assert "features.h5" in result.stderr and "Traceback" not in result.stderr
+
+
+def _run_until(marker: str, workdir: Path, synth_dir: Path, timeout: float = 300) -> None:
+    """Start a full run, SIGKILL its whole process group as soon as a path matching ``marker`` exists."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "pipeline", "run", "--audio-dir", str(synth_dir), "--workdir", str(workdir),
+               *FAST, "--set", "features.shard_size=4", "--set", "features.processes=1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(workdir.glob(marker)):
+            assert process.poll() is None, "the run ended before reaching the kill point"
+            assert time.monotonic() < deadline, f"{marker} never appeared"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_sigkill_during_features_then_rerun(synth_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    _run_until("features/*/shards/shard-00001.h5", workdir, synth_dir)
+    shards = sorted(workdir.glob("features/*/shards/*.h5"))
+    assert not list(workdir.glob("features/*/features.h5")), "killed too late to test anything"
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    melsearch("run", "--stage", "features", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST,
+              "--set", "features.shard_size=4", "--set", "features.processes=1")
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items()), "finished shards were recomputed"
+    with h5py.File(next(workdir.glob("features/*/features.h5"))) as h5:
+        ids = list(h5["track_id"].asstr()[...])
+        assert len(ids) == len(set(ids)) == 24 and h5["mel"][...].shape[0] == 24
+    assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp") or "luigi-tmp" in p.name]
+
+
+def test_sigkill_during_training_then_resume(synth_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    _run_until("models/*/checkpoints/last.pt", workdir, synth_dir)
+    assert not list(workdir.glob("models/*/metrics.json"))
+    melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST,
+              "--set", "features.shard_size=4", "--set", "features.processes=1")
+    history = next(workdir.glob("models/*/history.csv")).read_text().splitlines()
+    epochs = [int(line.split(",")[0]) for line in history[1:]]
+    assert epochs == list(range(1, 7)), history  # each epoch once: resumed, not restarted or repeated
+    report = status(workdir, "--audio-dir", str(synth_dir), "--set", "features.shard_size=4")
+    assert all(report[stage]["done"] for stage in report)
+
+
+def test_full_pipeline_under_luigid_with_two_workers(synth_dir, tmp_path):
+    workdir, port = tmp_path / "central", free_port()
+    melsearch("scheduler", "start", "--workdir", str(workdir), "--port", str(port))
+    pid = int((workdir / "scheduler" / "luigid.pid").read_text())
+    try:
+        melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST, "--workers", "2",
+                  "--scheduler-url", f"http://127.0.0.1:{port}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data=%7B%7D", timeout=10) as response:
+            tasks = json.loads(response.read())["response"]
+        families = {task["name"] for task in tasks.values()}
+        assert {"Dataset", "FeatureShard", "Features", "Train", "Embeddings", "Index", "Pipeline"} <= families
+        assert all(task["status"] == "DONE" for task in tasks.values()), {k: v["status"] for k, v in tasks.items()}
+    finally:
+        melsearch("scheduler", "stop", "--workdir", str(workdir), "--port", str(port))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
