@@ -71,14 +71,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.machine()} CPU with {torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
     print(f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'model':<10} {'input':<22} {'device':<6} {'precision':<10} {'samples/s':>10}")
+    print(f"{'model':<10} {'input':<26} {'device':<6} {'precision':<10} {'samples/s':>10}")
     for name in MODEL_NAMES:
         for label, shape in shapes.items():
             for device, autocast in runs:
                 rate = samples_per_second(name, shape, device=device, autocast=autocast,
                                           batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
                 precision = "bf16" if autocast else "fp32"
-                print(f"{name:<10} {label + f' {shape[0]}x{shape[1]}':<22} {device.type:<6} {precision:<10} "
+                print(f"{name:<10} {label + f' {shape[0]}x{shape[1]}':<26} {device.type:<6} {precision:<10} "
                       f"{rate:>10.1f}", flush=True)
 
 
