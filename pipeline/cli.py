@@ -20,7 +20,7 @@ class _OneLineMelsearchErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], MelsearchError):
-            record.msg, record.args, record.exc_info, record.exc_text = f"error: {record.exc_info[1]}", (), None, None
+            record.msg, record.args, record.exc_info, record.exc_text = str(record.exc_info[1]), (), None, None
         return True
 
 
@@ -162,10 +162,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melsearch", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the pipeline (Luigi) up to --stage")
+    run = commands.add_parser("run", help="run the pipeline (Luigi) up to --stage", parents=[common])
     _source_args(run)
     run.add_argument("--stage", choices=STAGES, default="index", help="last stage to run (default: index)")
     run.add_argument("--rerun", choices=STAGES, default=None, help="recompute this stage and everything downstream")
@@ -173,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler-url", default=None, help="a luigid to run against, e.g. http://127.0.0.1:8082")
     run.set_defaults(func=cmd_run)
 
-    status = commands.add_parser("status", help="per stage: done or not, outputs, figures")
+    status = commands.add_parser("status", help="per stage: done or not, outputs, figures", parents=[common])
     _source_args(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    synth = commands.add_parser("synth", help="write a labelled folder of synthetic clips")
+    synth = commands.add_parser("synth", help="write a labelled folder of synthetic clips", parents=[common])
     synth.add_argument("out_dir")
     synth.add_argument("--per-class", type=int, default=20)
     synth.add_argument("--seconds", type=float, default=10.0)
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("predict", cmd_predict, "genre and top-3 probabilities per audio file"),
                              ("encode", cmd_encode, "the embedding vector of one audio file")):
-        command = commands.add_parser(name, help=text)
+        command = commands.add_parser(name, help=text, parents=[common])
         if name == "predict":
             command.add_argument("files", nargs="+", metavar="FILE")
         else:
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help only: main() hands `query ...` to the query helper's own parser
     commands.add_parser("query", help="songs that sound like FILE or --track ID (python -m pipeline.query --help)")
 
-    scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1")
+    scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1", parents=[common])
     scheduler.add_argument("action", choices=["start", "stop", "status"])
     scheduler.add_argument("--workdir", default="data/work")
     scheduler.add_argument("--port", type=int, default=8082)

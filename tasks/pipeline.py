@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import luigi
+import luigi.configuration
 import pyarrow.parquet as pq
 from luigi.execution_summary import LuigiStatusCode
 
@@ -142,8 +143,9 @@ def run_pipeline(
                     log.info("removing %s outputs in %s", name, Path(task.output().path).parent)
                     clear_outputs(task)
         kwargs = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        result = luigi.build([root], workers=workers, detailed_summary=True, log_level=level, **kwargs)
+        # the caller configures logging (the CLI: one handler, its level); Luigi adds no handler of its own
+        luigi.configuration.get_config().set("core", "no_configure_logging", "true")
+        result = luigi.build([root], workers=workers, detailed_summary=True, **kwargs)
     if result.status not in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY):
         outcome = result.status.name.lower().replace("_", " ")
         raise MelsearchError(f"pipeline did not finish ({outcome}); see the errors above")
