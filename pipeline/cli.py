@@ -13,6 +13,8 @@ from pipeline.errors import MelsearchError
 log = logging.getLogger("pipeline")
 PROJECT_CFG = Path(__file__).resolve().parent.parent / "luigi.cfg"
 STAGES = ("dataset", "features", "train", "embeddings", "index")
+HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "epochs_run", "best_epoch", "test_accuracy", "test_macro_f1",
+                    "count", "recall_at_10", "genre_precision_at_10")
 
 
 class _OneLineMelsearchErrors(logging.Filter):
@@ -88,11 +90,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "models": _models(args)}
     run_pipeline(stage=args.stage, rerun=args.rerun, workers=args.workers, scheduler_url=args.scheduler_url, **source)
-    status = pipeline_status(**source)
-    for stage in STAGES[: STAGES.index(args.stage) + 1]:
-        for entry in status[stage]["outputs"]:
-            print(f"{stage:<11} {entry['output']}")
+    _print_status(pipeline_status(**source), STAGES[: STAGES.index(args.stage) + 1])
     return 0
+
+
+def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
+    """One line per output: stage, done or missing, path, and the headline figures."""
+    for stage in stages:
+        for entry in status[stage]["outputs"]:
+            figures = {**entry.get("figures", {}), **entry.get("figures", {}).get("figures", {})}
+            brief = ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()
+                              if k in HEADLINE_FIGURES)
+            print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -102,12 +111,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive, models=_models(args))
     if args.json:
         print(json.dumps(status, indent=2))
-        return 0
-    for stage, info in status.items():
-        for entry in info["outputs"]:
-            figures = entry.get("figures", {})
-            brief = ", ".join(f"{k}={v}" for k, v in figures.items() if isinstance(v, (int, float, str)))
-            print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
+    else:
+        _print_status(status)
     return 0
 
 

@@ -132,6 +132,10 @@ def run_pipeline(
     ``scheduler_url`` Luigi's local scheduler runs it under a work-directory lock; with it, ``luigid``
     coordinates every worker (possibly on other machines sharing the work directory).
     """
+    if audio_dir and not Path(audio_dir).is_dir():
+        raise MelsearchError(f"{audio_dir}: no such folder (--audio-dir)")
+    if archive and not Path(archive).is_file():
+        raise MelsearchError(f"{archive}: no such file (--archive)")
     root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, stage=stage, models=list(models))
     lock = workdir_lock(workdir) if scheduler_url is None else contextlib.nullcontext()
     with lock:
