@@ -19,11 +19,15 @@ $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 run: $(BIN)/.installed
 	$(BIN)/melsearch run --workdir $(WORKDIR) $(SOURCE) $(ARGS)
 
+DEMO := --workdir $(WORKDIR)/demo --audio-dir $(WORKDIR)/demo-audio --epochs 8 $(ARGS)
+
 demo: $(BIN)/.installed
 	$(BIN)/melsearch synth $(WORKDIR)/demo-audio --per-class 16 --seconds 10
-	$(BIN)/melsearch run --workdir $(WORKDIR)/demo --audio-dir $(WORKDIR)/demo-audio --epochs 8 --preset default $(ARGS)
-	$(BIN)/melsearch status --workdir $(WORKDIR)/demo --audio-dir $(WORKDIR)/demo-audio
-	$(BIN)/melsearch query --workdir $(WORKDIR)/demo $(WORKDIR)/demo-audio/chime/chime.00000.wav --top-k 5
+	$(BIN)/melsearch run $(DEMO)
+	$(BIN)/melsearch status $(DEMO)
+	$(BIN)/melsearch synth $(WORKDIR)/demo-new --per-class 1 --seconds 10 --seed 7 --format flac
+	$(BIN)/melsearch predict --workdir $(WORKDIR)/demo $(WORKDIR)/demo-new/*/*.flac
+	$(BIN)/melsearch query --workdir $(WORKDIR)/demo $(WORKDIR)/demo-new/chime/chime.00000.flac --top-k 5
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pipeline models tasks tests bench
