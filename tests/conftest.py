@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +61,53 @@ def copy_tree(tmp_path):
         return Path(shutil.copytree(src, tmp_path / name))
 
     return _copy
+
+
+def make_genres_tar(path: Path, genres=("blues", "jazz"), per_genre=2, fmt="au") -> Path:
+    """A small genres.tar.gz in GTZAN's layout: genres/<genre>/<genre>.NNNNN.<fmt>."""
+    with tarfile.open(path, "w:gz") as tar:
+        for genre in genres:
+            for i in range(per_genre):
+                buffer = io.BytesIO()
+                tone = np.sin(np.linspace(0, 400 * (i + 1), 22050)).astype(np.float32) * 0.3
+                sf.write(buffer, tone, 22050, format=fmt.upper(), subtype="PCM_16")
+                info = tarfile.TarInfo(f"genres/{genre}/{genre}.{i:05d}.{fmt}")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(info, buffer)
+    return path
+
+
+class ArchiveServer:
+    """Serves files from a dict on 127.0.0.1 with HTTP Range; can cut a response short once or answer 404."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.cut_next_at, self.requests = files, None, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                server.requests.append((self.path, self.headers.get("Range")))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                payload = body[start:]
+                if server.cut_next_at is not None:
+                    payload, server.cut_next_at = payload[: server.cut_next_at], None
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,10 +1,11 @@
 """The dataset stage through the command line, as a user runs it."""
 
 import fcntl
+import hashlib
 import json
 
 import pyarrow.parquet as pq
-from conftest import add_broken_files
+from conftest import ArchiveServer, add_broken_files, make_genres_tar
 from helpers import melsearch, snapshot, status
 
 
@@ -48,3 +49,28 @@ def test_bad_source_is_one_line_and_non_zero(tmp_path):
     assert "no audio files found" in result.stderr and "Traceback" not in result.stderr
     assert json.loads(melsearch("status", "--json", "--workdir", str(tmp_path / "w"), "--audio-dir",
                                 str(tmp_path / "empty")).stdout)["dataset"]["done"] is False
+
+
+def test_gtzan_download_through_the_cli_then_archive_source(tmp_path):
+    archive = make_genres_tar(tmp_path / "genres.tar.gz", genres=("blues", "jazz", "rock"), per_genre=2)
+    server = ArchiveServer({"/genres.tar.gz": archive.read_bytes()})
+    try:
+        sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+        workdir = tmp_path / "work"
+        dead = "http://127.0.0.1:9/genres.tar.gz"  # refused at once: the next mirror is tried
+        melsearch("run", "--stage", "dataset", "--workdir", str(workdir), "--gtzan-url", dead,
+                  "--gtzan-url", server.url + "/genres.tar.gz", "--gtzan-sha256", sha)
+        wrong = melsearch("run", "--stage", "dataset", "--workdir", str(tmp_path / "w2"),
+                          "--gtzan-url", server.url + "/genres.tar.gz", "--gtzan-sha256", "0" * 64, check=False)
+    finally:
+        server.close()
+    assert (workdir / "downloads" / "genres.tar.gz").read_bytes() == archive.read_bytes()
+    rows = pq.read_table(next(workdir.glob("dataset/*/manifest.parquet"))).to_pylist()
+    assert sorted(r["track_id"] for r in rows) == [f"{g}.0000{i}" for g in ("blues", "jazz", "rock") for i in (0, 1)]
+    assert all(r["status"] == "ok" and r["path"].endswith(".au") for r in rows)
+    assert wrong.returncode == 1 and "checksum mismatch" in wrong.stderr
+    assert not list((tmp_path / "w2").glob("dataset/*/audio")) and not list((tmp_path / "w2").glob("downloads/*.gz"))
+
+    local = tmp_path / "local"
+    melsearch("run", "--stage", "dataset", "--workdir", str(local), "--archive", str(archive))
+    assert pq.read_table(next(local.glob("dataset/*/manifest.parquet"))).num_rows == 6
