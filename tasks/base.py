@@ -42,3 +42,13 @@ class StageTask(luigi.Task):
         """Forward a stage's progress to the scheduler's page."""
         self.set_progress_percentage(round(100 * done / max(total, 1)))
         self.set_status_message(f"{done}/{total}")
+
+
+class ModelStageTask(StageTask):
+    """A stage with one output per model: ``<workdir>/<stage>/<model>-<key>``."""
+
+    model = luigi.Parameter(default="cifar10")
+
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.workdir) / self.stage / f"{self.model}-{self.key}"

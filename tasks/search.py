@@ -9,18 +9,17 @@ import luigi
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
 from pipeline.io import params_key
-from tasks.base import StageTask
+from tasks.base import ModelStageTask
 from tasks.config import index, train
 from tasks.dataset import Dataset
 from tasks.features import Features
 from tasks.train import Train
 
 
-class Embeddings(StageTask):
+class Embeddings(ModelStageTask):
     """``<workdir>/embeddings/<model>-<key>/embeddings.parquet``: one L2-normalised vector per ``ok`` track."""
 
     stage = "embeddings"
-    model = luigi.Parameter(default="cifar10")
 
     def requires(self) -> dict[str, luigi.Task]:
         return {"dataset": self.clone(Dataset), "features": self.clone(Features), "model": self.clone(Train)}
@@ -29,25 +28,20 @@ class Embeddings(StageTask):
     def key(self) -> str:
         return params_key([self.clone(Train).key])
 
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.workdir) / self.stage / f"{self.model}-{self.key}"
-
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir / "embeddings.parquet"))
 
     def run(self) -> None:
         inputs = self.input()
         model_dir = Path(inputs["model"].path).parent
-        device = "cpu" if train().device == "auto" else train().device
-        write_embeddings(inputs["dataset"].path, inputs["features"].path, model_dir, self.output().path, device=device)
+        write_embeddings(inputs["dataset"].path, inputs["features"].path, model_dir, self.output().path,
+                         device=train().device)
 
 
-class Index(StageTask):
+class Index(ModelStageTask):
     """``<workdir>/index/<model>-<key>/``: ``index.ann``, ``ids.parquet``, ``meta.json`` (with figures), a 2-D map."""
 
     stage = "index"
-    model = luigi.Parameter(default="cifar10")
 
     def requires(self) -> Embeddings:
         return self.clone(Embeddings)
@@ -56,10 +50,6 @@ class Index(StageTask):
     def key(self) -> str:
         cfg = index()
         return params_key([self.clone(Embeddings).key, cfg.n_trees, cfg.search_k])
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.workdir) / self.stage / f"{self.model}-{self.key}"
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir / "meta.json"))

@@ -9,7 +9,7 @@ import luigi
 from pipeline.evaluate import plot_model_comparison
 from pipeline.io import params_key
 from pipeline.train import TrainConfig, train_model
-from tasks.base import StageTask
+from tasks.base import ModelStageTask, StageTask
 from tasks.config import train
 from tasks.dataset import Dataset
 from tasks.features import Features
@@ -23,14 +23,13 @@ def train_config(model: str) -> TrainConfig:
                        checkpoint_interval=cfg.checkpoint_interval)
 
 
-class Train(StageTask):
+class Train(ModelStageTask):
     """``<workdir>/models/<model>-<key>/``: weights, config.json, history, plots; ``metrics.json`` marks it done.
 
     Checkpoints persist in the folder, so a killed run resumes from the last one. Needs the ``gpu`` resource.
     """
 
     stage = "models"
-    model = luigi.Parameter(default="cifar10")
     resources = {"gpu": 1}
 
     def requires(self) -> dict[str, luigi.Task]:
@@ -39,10 +38,6 @@ class Train(StageTask):
     @property
     def key(self) -> str:
         return params_key([self.clone(Features).key, train_config(self.model).to_dict()])
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.workdir) / self.stage / f"{self.model}-{self.key}"
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir / "metrics.json"))
