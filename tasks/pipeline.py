@@ -67,12 +67,14 @@ def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
     pending = [root]
     while pending:
         task = pending.pop()
-        if isinstance(task, StageTask) and not isinstance(task, CompareModels):
+        if isinstance(task, StageTask):
             found[task.task_id] = task
         pending.extend(luigi.task.flatten(task.requires()))
     grouped: dict[str, list[StageTask]] = {stage: [] for stage in STAGES}
     for task in found.values():
-        stage = next(name for name, cls in STAGE_TASKS.items() if isinstance(task, cls))
+        # the comparison plot is drawn from the trained models: it belongs to their stage
+        stage = "train" if isinstance(task, CompareModels) else \
+            next(name for name, cls in STAGE_TASKS.items() if isinstance(task, cls))
         grouped[stage].append(task)
     return grouped
 
@@ -80,7 +82,7 @@ def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
 def clear_outputs(task: StageTask) -> None:
     """Remove a stage task's current outputs (the dataset's extracted audio and downloads are kept)."""
     target = Path(task.output().path)
-    if isinstance(task, Dataset):
+    if isinstance(task, (Dataset, CompareModels)):  # outputs that are a file, not a folder of their own
         target.unlink(missing_ok=True)
         return
     folder = target.parent
@@ -176,6 +178,8 @@ def _figures(stage: str, task: StageTask) -> dict:
         with FeatureStore.open(out) as store:
             tracks = len(store)
         return {"tracks": tracks, "shards": len(shards), "failed": len(failed), "failed_tracks": failed}
+    if out.suffix == ".png":
+        return {}
     if stage == "embeddings":
         meta = pq.read_metadata(out)
         return {"tracks": meta.num_rows}
