@@ -1,8 +1,10 @@
-"""Use a trained model: genre probabilities and embedding vectors of log-mels or audio files.
+"""Use a trained model: genre probabilities and search vectors of log-mels or audio files.
 
 ``GenreClassifier.load(model_dir)`` rebuilds the network from ``config.json`` and ``model.pt`` (loaded with
 ``weights_only=True``); files are decoded with exactly the :class:`MelConfig` the model was trained on, and
-a track's output is the mean over its non-overlapping crops, as in training's evaluation.
+a track's output is the mean over its non-overlapping crops, as in training's evaluation. A track's search
+vector (:meth:`GenreClassifier.embed_and_predict`) is its mean penultimate layer minus the train tracks' mean,
+scaled to unit length: the one definition behind ``encode``, the embeddings Parquet and query files.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import build_model
+from pipeline.embeddings import l2_normalise
 from pipeline.errors import MelsearchError
 from pipeline.features import MelConfig, log_mel_for_file
 from pipeline.train import load_checkpoint, resolve_device, standardise, track_outputs
@@ -37,6 +40,7 @@ class GenreClassifier:
     mel_config : the log-mel parameters the model was trained on.
     feature_key : ``mel_config.key()``: features with another key must not be fed to this model.
     embedding_dim : D, the length of :meth:`encode`'s vectors.
+    embedding_center : (D,) float32, the mean train-track embedding that search vectors are centred on.
     model_name : ``"cifar10"`` or ``"resnet_v2"``.
     crop_frames : frames per crop the outputs are averaged over.
     """
@@ -53,6 +57,15 @@ class GenreClassifier:
         self.crop_frames = int(config["crop_frames"])
         self._mean = np.asarray(config["norm_mean"], dtype=np.float32)
         self._std = np.asarray(config["norm_std"], dtype=np.float32)
+        center = config.get("embedding_center")
+        if center is None:
+            log.warning("%s predates embedding centring: its search vectors are uncentred (train it again for "
+                        "better neighbours)", model_dir / "config.json")
+            center = np.zeros(self.embedding_dim)
+        self.embedding_center = np.asarray(center, dtype=np.float32)
+        if self.embedding_center.shape != (self.embedding_dim,):
+            raise MelsearchError(f"{model_dir / 'config.json'}: embedding_center has shape "
+                                 f"{self.embedding_center.shape}, the model's embeddings ({self.embedding_dim},)")
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, *, device: str = "cpu") -> GenreClassifier:
@@ -90,42 +103,63 @@ class GenreClassifier:
             model = model.to(memory_format=torch.channels_last)
         return cls(model, config, model_dir, dev)
 
-    def _mean_over_crops(self, fn: Callable[[torch.Tensor], torch.Tensor], mels: np.ndarray,
-                         n_frames: np.ndarray | None) -> torch.Tensor:
+    def _embedding_and_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass: (b, 1, n_mels, crop) -> (b, D + n_classes), the penultimate layer then the logits.
+
+        Both models compute ``forward(x) = head(dropout(embed(x)))``; in eval mode dropout is the identity,
+        so ``head(embed(x))`` is the logits without a second pass through the network.
+        """
+        embedding = self.model.embed(x)
+        return torch.cat([embedding, self.model.head(embedding)], dim=1)
+
+    def embed_and_predict(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None,
+                          names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Search vectors and class probabilities of log-mels, from one forward pass over their crops.
+
+        The search vector is ``l2_normalise(e - center)``: ``e`` the penultimate layer averaged over the
+        track's non-overlapping crops, ``center`` the mean ``e`` of the train-split tracks (``config.json``'s
+        ``embedding_center``; zeros for model folders written before it existed). Centring matters because
+        the layer is softplus/ReLU, all positive: uncentred, every track points nearly the same way and
+        angular distances are rounding noise. The probabilities are the softmax of the crop-averaged logits.
+
+        Parameters
+        ----------
+        mels : (N, n_mels, frames) float dB, as in a features file.
+        n_frames : (N,) frames holding audio per track (a features file's ``n_frames``); crops then skip the
+            zero padding after it. Default: every frame.
+        names : N track names, only to name tracks whose vector is zero in the warning.
+
+        Returns
+        -------
+        vectors : (N, D) float32, unit L2 norm (zero rows for a track exactly at the center).
+        probabilities : (N, n_classes) float32, rows sum to 1, columns in the order of ``labels``.
+
+        Raises
+        ------
+        MelsearchError
+            When ``mels`` is not (N, n_mels, frames) with this model's ``n_mels``.
+        """
         mels = np.asarray(mels, dtype=np.float32)
         if mels.ndim != 3 or mels.shape[1] != self.mel_config.n_mels:
             raise MelsearchError(f"expected log-mels of shape (N, {self.mel_config.n_mels}, frames), got {mels.shape}")
         total = mels.shape[2]
         n_true = np.full(len(mels), total) if n_frames is None else np.clip(np.asarray(n_frames), 1, total)
         data = torch.from_numpy(standardise(mels, self._mean, self._std))
-        with torch.no_grad():
-            return track_outputs(fn, data, n_true, crop=min(self.crop_frames, total), batch_size=_BATCH,
-                                 device=self.device)
-
-    def embed_mels(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None) -> np.ndarray:
-        """Embeddings of log-mels: (N, n_mels, frames) float dB -> (N, D) float32, the mean over crops.
-
-        ``n_frames`` (N,): frames holding audio per track (a features file's ``n_frames``); crops then skip
-        the zero padding after it. Default: every frame.
-        """
-        return self._mean_over_crops(self.model.embed, mels, n_frames).cpu().numpy()
-
-    def predict_mels(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None) -> np.ndarray:
-        """Class probabilities of log-mels: (N, n_mels, frames) dB -> (N, n_classes) float32, rows sum to 1.
-
-        The softmax of the logits averaged over crops; ``n_frames`` as in :meth:`embed_mels`.
-        """
-        logits = self._mean_over_crops(self.model, mels, n_frames)
-        return torch.softmax(logits, dim=1).cpu().numpy()
+        means = track_outputs(self._embedding_and_logits, data, n_true, crop=min(self.crop_frames, total),
+                              batch_size=_BATCH, device=self.device).cpu()  # (N, D + n_classes)
+        embedding, logits = means[:, : self.embedding_dim].numpy(), means[:, self.embedding_dim :]
+        vectors = l2_normalise(embedding - self.embedding_center, names=names)
+        return vectors, torch.softmax(logits, dim=1).numpy()
 
     def _file_mel(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        mel, n_true = log_mel_for_file(path, self.mel_config)  # (n_mels, n_frames) dB, MelsearchError if bad
+        """(1, n_mels, n_frames) dB log-mel of an audio file and its (1,) frames holding audio."""
+        mel, n_true = log_mel_for_file(path, self.mel_config)  # MelsearchError if missing or undecodable
         return mel[None], np.array([n_true])
 
     def predict(self, path: str | os.PathLike) -> dict:
         """Genre of an audio file: ``{"path", "label", "probabilities": {label: p}}`` (p: float, sum 1)."""
         mel, n_true = self._file_mel(path)
-        probabilities = self.predict_mels(mel, n_frames=n_true)[0]
+        probabilities = self.embed_and_predict(mel, n_frames=n_true)[1][0]
         return {
             "path": str(path),
             "label": self.labels[int(probabilities.argmax())],
@@ -133,6 +167,10 @@ class GenreClassifier:
         }
 
     def encode(self, path: str | os.PathLike) -> np.ndarray:
-        """Embedding of an audio file: (D,) float32, the mean of the penultimate layer over its crops."""
+        """Search vector of an audio file: (D,) float32 unit vector, as :meth:`embed_and_predict` defines it.
+
+        The same vector the embeddings stage stores for the file (up to its float16 features) and the query
+        helper searches with.
+        """
         mel, n_true = self._file_mel(path)
-        return self.embed_mels(mel, n_frames=n_true)[0]
+        return self.embed_and_predict(mel, n_frames=n_true, names=[str(path)])[0][0]

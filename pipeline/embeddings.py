@@ -1,4 +1,7 @@
-"""The embeddings stage: one L2-normalised vector per track from a trained model, in Parquet.
+"""The embeddings stage: one search vector per track from a trained model, in Parquet.
+
+The vector is :meth:`GenreClassifier.embed_and_predict`'s: the track's crop-averaged penultimate layer minus
+the model's train-track mean, scaled to unit L2 norm, the same vector ``GenreClassifier.encode`` gives.
 
 Columns ``track_id``, ``path``, ``label``, ``split``, ``predicted_label`` (strings) and ``embedding``
 (``fixed_size_list<float32>[D]``); the schema metadata names the model, its key (the model folder's name)
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 ROW_COLUMNS = ("track_id", "path", "label", "split", "predicted_label")
 # Schema metadata keys (Parquet stores bytes); read back by embeddings_metadata() without the prefix.
 _META_PREFIX = "melsearch."
-# Norms below this are treated as zero vectors (a model can output all-zero ReLU features for silence).
+# Norms below this are treated as zero vectors (a track's embedding can equal the model's center).
 _MIN_NORM = 1e-12
 
 
@@ -136,8 +139,9 @@ def _embedded_batches(
         for start in range(0, len(rows), batch_size):
             batch, where = rows[start : start + batch_size], positions[start : start + batch_size]
             mels, n_frames = store.read(where), store.n_frames[where]  # (b, n_mels, frames) dB, (b,)
-            vectors = l2_normalise(classifier.embed_mels(mels, n_frames=n_frames), names=[r["track_id"] for r in batch])
-            predicted = classifier.predict_mels(mels, n_frames=n_frames).argmax(axis=1)
+            vectors, probabilities = classifier.embed_and_predict(mels, n_frames=n_frames,
+                                                                  names=[r["track_id"] for r in batch])
+            predicted = probabilities.argmax(axis=1)
             batch = [{**row, "predicted_label": classifier.labels[p]} for row, p in zip(batch, predicted, strict=True)]
             yield _record_batch(batch, vectors, schema)
             progress.update(len(batch))
@@ -174,7 +178,8 @@ def write_embeddings(
     """Embed every ``ok`` track of the manifest that has features (all splits, unlabelled too) into Parquet.
 
     A track's vector is the model's penultimate layer averaged over its crops (crops cover only the frames
-    holding audio), scaled to unit L2 norm; ``predicted_label`` is the model's most probable genre.
+    holding audio), minus the model's train-track mean, scaled to unit L2 norm; ``predicted_label`` is the
+    model's most probable genre, from the same forward pass (:meth:`GenreClassifier.embed_and_predict`).
     Tracks are read ``batch_size`` at a time and written in row groups of ``row_group_size``, so memory
     stays bounded by those, not by the number of tracks; the file appears only when complete.
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.audio import is_audio_path
-from pipeline.embeddings import embeddings_metadata, l2_normalise, read_embeddings, write_embedding_rows
+from pipeline.embeddings import embeddings_metadata, read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.index import (
     INDEX_FILE,
@@ -204,19 +204,17 @@ class MusicSearch:
                 return vector
         return None
 
-    def _embed_file(self, path: Path, *, with_label: bool = False) -> tuple[np.ndarray, str]:
-        """(D,) float32 unit vector of an audio file, and with ``with_label`` its predicted genre ("" without)."""
+    def _embed_file(self, path: Path) -> tuple[np.ndarray, str]:
+        """(D,) float32 search vector of an audio file (as the embeddings stage makes them) and its predicted genre."""
         from pipeline.features import log_mel_for_file
 
         if not path.is_file():
             raise MelsearchError(f"{path}: no such file")
         classifier = self.classifier
         mel, n_true = log_mel_for_file(path, classifier.mel_config)  # (n_mels, n_frames) dB; MelsearchError if bad
-        n_frames = np.array([n_true])
-        vector = l2_normalise(classifier.embed_mels(mel[None], n_frames=n_frames), names=[str(path)])[0]
-        if not with_label:
-            return vector, ""
-        return vector, classifier.labels[int(classifier.predict_mels(mel[None], n_frames=n_frames)[0].argmax())]
+        vectors, probabilities = classifier.embed_and_predict(mel[None], n_frames=np.array([n_true]),
+                                                              names=[str(path)])
+        return vectors[0], classifier.labels[int(probabilities[0].argmax())]
 
     def _index_vectors(self) -> np.ndarray:
         """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""
@@ -273,7 +271,7 @@ class MusicSearch:
             if os.path.realpath(row["path"]) == real:
                 log.info("%s is already indexed as %s", path, row["track_id"])
                 return row["track_id"]
-        vector, predicted = self._embed_file(path, with_label=True)
+        vector, predicted = self._embed_file(path)
         track_id = f"added/{path.name}"
         if self._vector_of(track_id) is not None:
             track_id = f"added/{path.stem}-{file_sha256(path)[:8]}{path.suffix}"

@@ -8,7 +8,8 @@ it fills::
     checkpoints/last.pt   model, optimiser, epoch, best weights and score, history (resume from here)
     checkpoints/best.pt   best weights, their epoch and validation figures
     model.pt              best weights as a plain state_dict
-    config.json           what rebuilds the model and its input: name, kwargs, labels, normalisation, MelConfig
+    config.json           what rebuilds the model and its input: name, kwargs, labels, normalisation, MelConfig,
+                          and embedding_center: the train tracks' mean embedding that search vectors are centred on
     history.csv           one row per epoch; curves.png and confusion.png draw it and the test confusion
     metrics.json          test accuracy, macro-F1, per-genre precision/recall, confusion; written last
 
@@ -179,7 +180,7 @@ def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor
 
     Parameters
     ----------
-    fn : a model's ``forward`` (logits) or ``embed``: (b, 1, n_mels, crop) -> (b, D); call it in eval mode.
+    fn : (b, 1, n_mels, crop) -> (b, D), e.g. a model's ``forward`` (logits) or ``embed``; call it in eval mode.
     data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``.
     n_true : (N,) frames that hold audio per track; crops cover only those.
     crop, batch_size : crop length in frames, crops per forward pass.
@@ -467,6 +468,10 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
     valid_loss, valid_acc, _ = evaluate("valid")
     test_loss, _, test_pred = evaluate("test")
     test = classification_metrics(y[subsets["test"]], test_pred, labels)
+    # The embedding layers end in softplus/ReLU, so every vector is positive and, uncentred, all point nearly the
+    # same way; search vectors subtract this mean of the train tracks' crop-averaged embeddings (D,).
+    center = track_outputs(model.embed, data[torch.as_tensor(train_idx, device=data.device)], n_true[train_idx],
+                           crop=crop, batch_size=eval_batch, device=dev).mean(dim=0)
     model_cpu = {k: v.detach().cpu().contiguous() for k, v in best_weights.items()}
     _save_atomic(model_cpu, out_dir / "model.pt")
     write_json_atomic(out_dir / "config.json", {
@@ -479,6 +484,7 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
         "crop_frames": crop,
         "norm_mean": mean.tolist(),
         "norm_std": std.tolist(),
+        "embedding_center": center.cpu().tolist(),
         "mel_config": mel_config.to_dict(),
         "feature_key": mel_config.key(),
         "train_config": cfg.to_dict(),

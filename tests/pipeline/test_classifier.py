@@ -12,29 +12,40 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_train import FAST, MEL, make_synthetic_run  # the same synthetic run as the training tests
+from trained_models import MEL, trained_cifar10  # the model of the training tests, trained once per session
 
 from models import build_model
 from pipeline.classifier import GenreClassifier
 from pipeline.errors import MelsearchError
 from pipeline.features import FeatureStore, MelConfig, write_feature_shard
 from pipeline.manifest import write_manifest
-from pipeline.train import TrainConfig, train_model
+from pipeline.train import TrainConfig, standardise, train_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("classifier")
-    data = make_synthetic_run(root, seed=5)
-    out = root / "cifar10"
-    train_model(data["features"], data["manifest"], out, TrainConfig(model="cifar10", epochs=8, **FAST),
-                device="cpu")
+    """(the trained cifar10 folder, its synthetic run: features, manifest, audio)."""
+    out, _, _, data = trained_cifar10(tmp_path_factory)
     return out, data
 
 
 @pytest.fixture(scope="module")
 def classifier(model_dir) -> GenreClassifier:
     return GenreClassifier.load(model_dir[0])
+
+
+def crop_means(classifier: GenreClassifier, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: the model's embed() and forward() on each whole crop of ``mels`` (N, n_mels, k * crop),
+    averaged per track: (N, D) embeddings, (N, n_classes) logits."""
+    config = json.loads((classifier.model_dir / "config.json").read_text())
+    x = standardise(mels, np.asarray(config["norm_mean"]), np.asarray(config["norm_std"]))
+    crop = classifier.crop_frames
+    crops = torch.from_numpy(np.stack([x[:, :, i * crop : (i + 1) * crop] for i in range(x.shape[2] // crop)], 1))
+    crops = crops.reshape(-1, 1, x.shape[1], crop)  # (N * k, 1, n_mels, crop), track by track
+    with torch.no_grad():
+        embedding, logits = classifier.model.embed(crops), classifier.model(crops)
+    return (embedding.reshape(len(mels), -1, embedding.shape[1]).mean(1).numpy(),
+            logits.reshape(len(mels), -1, logits.shape[1]).mean(1).numpy())
 
 
 def test_load_exposes_the_training_settings(classifier, model_dir) -> None:
@@ -58,39 +69,69 @@ def test_predict_held_out_files(classifier, model_dir) -> None:
 
 
 def test_file_and_feature_paths_agree(classifier, model_dir) -> None:
-    """predict/encode on a file equal predict_mels/embed_mels on the stored features of that file."""
+    """predict/encode on a file equal embed_and_predict on the stored (float32) features of that file."""
     path = next(model_dir[1]["audio"].glob("chime/*.00008.wav"))
     with FeatureStore.open(model_dir[1]["features"]) as store:
         position = store.index_of([path.stem])
         mels, n_frames = store.read(position), store.n_frames[position]
-    np.testing.assert_allclose(classifier.predict_mels(mels, n_frames=n_frames)[0],
-                               list(classifier.predict(path)["probabilities"].values()), rtol=1e-5, atol=1e-6)
+    vectors, probabilities = classifier.embed_and_predict(mels, n_frames=n_frames)
+    np.testing.assert_allclose(probabilities[0], list(classifier.predict(path)["probabilities"].values()),
+                               rtol=1e-5, atol=1e-6)
     vector = classifier.encode(path)
     assert vector.shape == (512,) and vector.dtype == np.float32 and np.isfinite(vector).all()
-    np.testing.assert_allclose(classifier.embed_mels(mels, n_frames=n_frames)[0], vector, rtol=1e-5, atol=1e-6)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(vectors[0], vector, rtol=1e-5, atol=1e-6)
 
 
-def test_embed_mels_is_the_mean_over_crops(classifier) -> None:
+def test_embed_and_predict_is_the_centred_mean_over_crops(classifier) -> None:
+    """Vectors: l2_normalise(mean embed() over crops - center); probabilities: softmax of the mean forward()."""
     rng = np.random.default_rng(0)
-    crop = classifier.crop_frames
-    mels = rng.normal(-40, 10, size=(2, MEL.n_mels, 3 * crop)).astype(np.float32)
-    expected = np.mean([classifier.embed_mels(mels[:, :, i * crop : (i + 1) * crop]) for i in range(3)], axis=0)
-    np.testing.assert_allclose(classifier.embed_mels(mels), expected, rtol=1e-5, atol=1e-5)
-    probabilities = classifier.predict_mels(mels)
-    assert probabilities.shape == (2, 4) and np.allclose(probabilities.sum(axis=1), 1.0)
+    mels = rng.normal(-40, 10, size=(2, MEL.n_mels, 3 * classifier.crop_frames)).astype(np.float32)
+    embedding, logits = crop_means(classifier, mels)
+    centred = embedding - classifier.embedding_center
+    vectors, probabilities = classifier.embed_and_predict(mels)
+    assert vectors.shape == (2, 512) and vectors.dtype == np.float32
+    assert probabilities.shape == (2, 4) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(vectors, centred / np.linalg.norm(centred, axis=1, keepdims=True), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(logits), dim=1).numpy(), atol=1e-5)
+    # the center is the train tracks' mean embedding: far from zero for all-positive softplus features
+    assert classifier.embedding_center.shape == (512,) and (classifier.embedding_center > 0).all()
     with pytest.raises(MelsearchError, match=r"shape \(N, 32, frames\)"):
-        classifier.embed_mels(mels[:, :20])
+        classifier.embed_and_predict(mels[:, :20])
 
 
 def test_embeddings_group_by_class(classifier, model_dir) -> None:
     files = sorted(model_dir[1]["audio"].glob("*/*.0000[789].wav"))
     vectors = np.stack([classifier.encode(path) for path in files])
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     classes = np.array([path.parent.name for path in files])
     cosine = vectors @ vectors.T
     same = classes[:, None] == classes[None, :]
     off_diagonal = ~np.eye(len(files), dtype=bool)
+    # centred, tracks of different genres point apart (uncentred, their cosines average about 0.9 here)
     assert cosine[same & off_diagonal].mean() > cosine[~same].mean() + 0.1
+    assert cosine[~same].mean() < 0.5
+
+
+def test_model_folder_without_center_loads_uncentred(classifier, model_dir, tmp_path, caplog) -> None:
+    """A model folder written before embedding_center existed: the center is zeros, with a warning."""
+    old = Path(shutil.copytree(model_dir[0], tmp_path / "old"))
+    config = json.loads((old / "config.json").read_text())
+    del config["embedding_center"]
+    (old / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="pipeline.classifier"):
+        uncentred = GenreClassifier.load(old)
+    assert "predates embedding centring" in caplog.text
+    assert uncentred.embedding_center.shape == (512,) and not uncentred.embedding_center.any()
+    mels = np.random.default_rng(1).normal(-40, 10, size=(2, MEL.n_mels, classifier.crop_frames)).astype(np.float32)
+    embedding, _ = crop_means(classifier, mels)
+    np.testing.assert_allclose(uncentred.embed_and_predict(mels)[0],
+                               embedding / np.linalg.norm(embedding, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(uncentred.embed_and_predict(mels)[1], classifier.embed_and_predict(mels)[1])
+    (old / "config.json").write_text(json.dumps({**config, "embedding_center": [0.0] * 3}))
+    with pytest.raises(MelsearchError, match=r"config.json: embedding_center has shape \(3,\)"):
+        GenreClassifier.load(old)
 
 
 def test_other_formats_decode_to_the_same_prediction(classifier, model_dir, tmp_path) -> None:

@@ -9,57 +9,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import soundfile as sf
+from trained_models import TINY_MELS, tiny_paths, tiny_workdir  # the tiny model the query tests use too
 
+from models.cifar10 import Cifar10Net
 from pipeline.classifier import GenreClassifier
-from pipeline.dataset import build_manifest
 from pipeline.embeddings import embeddings_metadata, read_embeddings, write_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.features import FeatureStore, MelConfig, write_feature_shard
 from pipeline.manifest import read_manifest, write_manifest
-from pipeline.synth import write_synthetic_dataset
-from pipeline.train import TrainConfig, train_model
-
-# Small settings: 2-s clips, 32 mels, a narrow cifar10 (16-d embedding) without dropout, which learns the
-# synthetic genres in 4 epochs (with dropout it stays at chance and maps every clip to one direction).
-TINY_MELS = MelConfig(sr=16000, n_fft=512, hop_length=256, n_mels=32, duration_s=2.0)
-TINY_MODEL = {"channels": (8, 8, 16, 16, 16), "dense": 16, "conv_dropout": 0.0, "dense_dropout": 0.0}
-TINY_TRAIN = TrainConfig(model="cifar10", epochs=4, batch_size=8, lr=3e-3, crop_s=1.0, model_kwargs=TINY_MODEL)
-
-
-def tiny_workdir(root: Path) -> Path:
-    """``root`` as a work directory with a manifest, features and a tiny trained model; built once per root.
-
-    4 synthetic genres x 8 clips (random 80/10/10 split) plus 2 unlabelled clips at the audio root.
-    Layout as the pipeline writes it: dataset/s/manifest.parquet, features/<key>/features.h5,
-    models/cifar10-tiny/. The audio lies in ``root/audio``.
-    """
-    model_dir = root / "models" / "cifar10-tiny"
-    if (model_dir / "metrics.json").is_file():
-        return root
-    audio = root / "audio"
-    paths = write_synthetic_dataset(audio, n_per_class=8, seconds=2.0, sr=16000, n_classes=4, seed=3)
-    for i, path in enumerate(paths[:2]):  # unlabelled: copies at the root, in another format
-        samples, sr = sf.read(path)
-        sf.write(audio / f"loose{i}.flac", samples[::-1], sr)
-    manifest = root / "dataset" / "s" / "manifest.parquet"
-    build_manifest(audio, manifest, split="random", workers=1)
-    rows = read_manifest(manifest, status="ok")
-    features = root / "features" / TINY_MELS.key() / "features.h5"
-    write_feature_shard([(r["track_id"], r["path"]) for r in rows], features, TINY_MELS, workers=1)
-    train_model(features, manifest, model_dir, TINY_TRAIN, device="cpu")
-    return root
-
-
-def tiny_paths(root: Path) -> tuple[Path, Path, Path]:
-    """(manifest, features, model_dir) of :func:`tiny_workdir`."""
-    return (root / "dataset" / "s" / "manifest.parquet", root / "features" / TINY_MELS.key() / "features.h5",
-            root / "models" / "cifar10-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    return tiny_workdir(tmp_path_factory.getbasetemp() / "tiny-work")
+    return tiny_workdir(tmp_path_factory)
 
 
 def test_one_unit_vector_per_ok_track_with_features(tiny, tmp_path):
@@ -78,17 +40,26 @@ def test_one_unit_vector_per_ok_track_with_features(tiny, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert np.isfinite(vectors).all() and len(np.unique(vectors.round(5), axis=0)) == 34
 
-    # the stored vector is the classifier's crop-mean embedding (of the stored features), normalised
+    # the stored vector and label are the classifier's (of the stored features)
     store = FeatureStore.open(features)
     where = store.index_of([r["track_id"] for r in rows])
-    reference = classifier.embed_mels(store.read(where), n_frames=store.n_frames[where])
-    np.testing.assert_allclose(vectors, reference / np.linalg.norm(reference, axis=1, keepdims=True), atol=1e-5)
-    probabilities = classifier.predict_mels(store.read(where), n_frames=store.n_frames[where])
+    reference, probabilities = classifier.embed_and_predict(store.read(where), n_frames=store.n_frames[where])
+    np.testing.assert_allclose(vectors, reference, atol=1e-6)
     assert [r["predicted_label"] for r in rows] == [classifier.labels[i] for i in probabilities.argmax(axis=1)]
 
-    # the audio file's own embedding (float32 log-mel, not the stored float16) is its stored vector's nearest
-    direct = classifier.encode(rows[3]["path"])
-    assert int(np.argmax(vectors @ direct)) == 3
+    # encode() of the audio file (float32 log-mel, not the stored float16) is its Parquet row, to that rounding,
+    # and its nearest stored vector
+    for i in (3, 17):
+        direct = classifier.encode(rows[i]["path"])
+        np.testing.assert_allclose(direct, vectors[i], atol=2e-3)
+        assert int(np.argmax(vectors @ direct)) == i
+
+    # centred vectors of different genres point apart; uncentred ones would all sit within a few degrees
+    labels = np.array([r["label"] for r in rows])
+    labelled = labels != ""
+    cosine = vectors[labelled] @ vectors[labelled].T
+    same = labels[labelled][:, None] == labels[labelled][None, :]
+    assert cosine[~same].mean() < 0.5 and cosine[same].mean() > cosine[~same].mean() + 0.3
 
     column = pq.read_schema(out).field("embedding").type
     assert pa.types.is_fixed_size_list(column) and column.list_size == 16 and column.value_type == pa.float32()
@@ -97,6 +68,24 @@ def test_one_unit_vector_per_ok_track_with_features(tiny, tmp_path):
     # streamed: row groups of row_group_size, the last one shorter
     meta = pq.read_metadata(out)
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [8, 8, 8, 8, 2]
+
+
+def test_one_forward_pass_per_batch(tiny, tmp_path, monkeypatch):
+    """Vectors and predicted labels come from one pass of each crop through the network, not one each."""
+    manifest, features, model_dir = tiny_paths(tiny)
+    passes = []  # crops per call of the network's body; every forward() runs embed() once
+
+    def counted(self, x):
+        passes.append(len(x))
+        return real(self, x)
+
+    real = Cifar10Net.embed
+    monkeypatch.setattr(Cifar10Net, "embed", counted)
+    write_embeddings(manifest, features, model_dir, tmp_path / "e.parquet", batch_size=5)
+    with FeatureStore.open(features) as store:
+        crops = int(np.maximum(1, store.n_frames // GenreClassifier.load(model_dir).crop_frames).sum())
+    # 34 tracks in batches of 5 -> 7 batches of 2-crop tracks: one pass each, and every crop once
+    assert len(passes) == 7 and sum(passes) == crops == 68
 
 
 def test_rerun_is_byte_identical(tiny, tmp_path):
@@ -132,14 +121,14 @@ def test_failure_midway_leaves_no_file(tiny, tmp_path, monkeypatch):
     manifest, features, model_dir = tiny_paths(tiny)
     calls = []
 
-    def flaky(self, mels, *, n_frames=None):
+    def flaky(self, mels, **kwargs):
         calls.append(len(mels))
         if len(calls) == 2:
             raise RuntimeError("out of memory")
-        return real(self, mels, n_frames=n_frames)
+        return real(self, mels, **kwargs)
 
-    real = GenreClassifier.embed_mels
-    monkeypatch.setattr(GenreClassifier, "embed_mels", flaky)
+    real = GenreClassifier.embed_and_predict
+    monkeypatch.setattr(GenreClassifier, "embed_and_predict", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
         write_embeddings(manifest, features, model_dir, tmp_path / "e.parquet", batch_size=4, row_group_size=4)
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_embeddings import TINY_MELS, tiny_paths, tiny_workdir  # the same tiny model, built once per session
+from trained_models import TINY_MELS, tiny_paths, tiny_workdir  # the embeddings tests' tiny model, built once
 
 from pipeline.dataset import build_manifest
 from pipeline.embeddings import l2_normalise, write_embedding_rows, write_embeddings
@@ -25,7 +25,7 @@ from pipeline.synth import SYNTH_CLASSES, synth_clip
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     """The tiny work directory with embeddings and an index (index/cifar10-tiny)."""
-    root = tiny_workdir(tmp_path_factory.getbasetemp() / "tiny-work")
+    root = tiny_workdir(tmp_path_factory)
     manifest, features, model_dir = tiny_paths(root)
     embeddings = root / "embeddings" / "cifar10-tiny" / "embeddings.parquet"
     if not (root / "index" / "cifar10-tiny" / "meta.json").is_file():

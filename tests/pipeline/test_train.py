@@ -17,55 +17,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trained_models import FAST, MEL, trained_cifar10
 
 from models import build_model
 from pipeline.errors import MelsearchError
 from pipeline.evaluate import classification_metrics, plot_model_comparison, read_history
-from pipeline.features import FeatureStore, MelConfig, write_feature_shard
+from pipeline.features import FeatureStore, MelConfig
 from pipeline.manifest import write_manifest
-from pipeline.synth import write_synthetic_dataset
-from pipeline.train import TrainConfig, _crop_plan, crop_frames, load_checkpoint, train_model
+from pipeline.train import TrainConfig, _crop_plan, crop_frames, load_checkpoint, standardise, train_model
 
 REPO = Path(__file__).resolve().parents[2]
-# Small log-mels (32 bands, 3 s at 11025 Hz: 130 frames) and 1 s crops keep every run to seconds on 2 cores.
-MEL = MelConfig(sr=11025, n_fft=512, hop_length=256, n_mels=32, duration_s=3.0, dtype="float32")
-FAST = {"crop_s": 1.0, "batch_size": 8}
 ARTIFACTS = ("model.pt", "config.json", "history.csv", "curves.png", "confusion.png", "metrics.json",
              "checkpoints/last.pt", "checkpoints/best.pt")
 
 
-def make_synthetic_run(root: Path, *, n_classes: int = 4, n_per_class: int = 10, seed: int = 3) -> dict[str, Path]:
-    """Synthetic clips, their features (``MEL``) and a manifest: per class 6 train, 2 valid, the rest test.
-
-    One extra clip per run is ``excluded`` and one unlabelled: training must ignore both.
-    """
-    paths = write_synthetic_dataset(root / "audio", n_per_class=n_per_class, seconds=MEL.duration_s, sr=MEL.sr,
-                                    n_classes=n_classes, seed=seed)
-    rows = []
-    for path in sorted(paths):
-        i = int(path.stem.split(".")[1])
-        split = "train" if i < 6 else "valid" if i < 8 else "test"
-        rows.append({"track_id": path.stem, "path": str(path), "label": path.parent.name, "split": split,
-                     "duration_s": MEL.duration_s, "sample_rate": MEL.sr, "channels": 1, "status": "ok", "reason": ""})
-    rows[0] = {**rows[0], "split": "excluded"}
-    rows[1] = {**rows[1], "label": ""}
-    write_manifest(rows, root / "manifest.parquet")
-    write_feature_shard([(row["track_id"], row["path"]) for row in rows], root / "features.h5", MEL, workers=1)
-    return {"features": root / "features.h5", "manifest": root / "manifest.parquet", "audio": root / "audio"}
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict, TrainConfig]:
+    """cifar10 trained 8 epochs: (out_dir, metrics, cfg); the classifier tests load the same model."""
+    return trained_cifar10(tmp_path_factory)[:3]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    return make_synthetic_run(tmp_path_factory.mktemp("train-data"))
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> tuple[Path, dict, TrainConfig]:
-    """cifar10 trained 8 epochs: (out_dir, metrics, cfg)."""
-    cfg = TrainConfig(model="cifar10", epochs=8, **FAST)
-    out = tmp_path_factory.mktemp("models") / "cifar10"
-    metrics = train_model(data["features"], data["manifest"], out, cfg, device="cpu")
-    return out, metrics, cfg
+    """The synthetic run (features, manifest, audio) that ``trained`` learnt from."""
+    return trained_cifar10(tmp_path_factory)[3]
 
 
 def history_rows(out: Path) -> list[dict]:
@@ -120,6 +95,29 @@ def test_normalisation_uses_train_split_only(trained, data) -> None:
     np.testing.assert_allclose(config["norm_std"], frames.std(axis=1), rtol=1e-4, atol=1e-4)
     # statistics over all tracks differ: the valid and test clips really were left out
     assert not np.allclose(config["norm_mean"], every.mean(axis=(0, 2)), atol=1e-2)
+
+
+def test_embedding_center_is_the_mean_train_embedding(trained, data) -> None:
+    """config.json's embedding_center: the best weights' embed() averaged over each train track's crops, then
+    over the train tracks (valid, test, excluded and unlabelled clips left out)."""
+    out, _, _ = trained
+    config = json.loads((out / "config.json").read_text())
+    model = build_model("cifar10", n_classes=4, n_mels=32)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model.eval()
+    with FeatureStore.open(data["features"]) as store:
+        train_ids = [tid for tid in store.track_ids if int(tid.split(".")[1]) < 6][2:]  # minus excluded, unlabelled
+        positions = store.index_of(train_ids)
+        mels, n_true = store.read(positions), store.n_frames[positions]
+    mels = standardise(mels, np.asarray(config["norm_mean"]), np.asarray(config["norm_std"]))
+    crop = config["crop_frames"]
+    with torch.no_grad():
+        per_track = [model.embed(torch.from_numpy(np.stack([mel[:, i * crop : (i + 1) * crop]
+                                                            for i in range(n // crop)]))[:, None]).mean(dim=0)
+                     for mel, n in zip(mels, n_true, strict=True)]  # 3 crops of 43 in 130 frames
+    expected = torch.stack(per_track).mean(dim=0).numpy()
+    assert len(train_ids) == 22 and len(config["embedding_center"]) == config["embedding_dim"] == 512
+    np.testing.assert_allclose(config["embedding_center"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_saved_weights_are_plain_tensors_that_rebuild_the_model(trained) -> None:
