@@ -94,13 +94,19 @@ def hash_split(track_id: str, *, fractions: tuple[float, float] = (0.8, 0.9)) ->
 
 
 def random_split(ids_by_label: dict[str, list[str]], *, seed: int) -> dict[str, str]:
-    """Stratified random 80/10/10 split: each label's ids shuffled with ``seed`` and cut in order."""
+    """Stratified random 80/10/10 split: each label's ids shuffled with ``seed`` and cut in order.
+
+    A label with 3 or more tracks keeps at least one in valid and one in test, so small classes are evaluated.
+    """
     mapping = {}
     rng = np.random.default_rng(seed)
     for label in sorted(ids_by_label):
         ids = sorted(ids_by_label[label])
         order = rng.permutation(len(ids))
-        n_train, n_valid = round(0.8 * len(ids)), round(0.1 * len(ids))
+        n_valid = n_test = round(0.1 * len(ids))
+        if len(ids) >= 3:
+            n_valid, n_test = max(1, n_valid), max(1, n_test)
+        n_train = len(ids) - n_valid - n_test
         for rank, i in enumerate(order):
             mapping[ids[i]] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
     return mapping

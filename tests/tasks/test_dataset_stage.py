@@ -3,10 +3,13 @@
 import fcntl
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 from conftest import ArchiveServer, add_broken_files, make_genres_tar
-from helpers import melsearch, snapshot, status
+from helpers import ROOT, melsearch, snapshot, status
 
 
 def test_dataset_stage_on_real_clips_with_broken_files(real_audio_dir, copy_tree, tmp_path):
@@ -74,3 +77,22 @@ def test_gtzan_download_through_the_cli_then_archive_source(tmp_path):
     local = tmp_path / "local"
     melsearch("run", "--stage", "dataset", "--workdir", str(local), "--archive", str(archive))
     assert pq.read_table(next(local.glob("dataset/*/manifest.parquet"))).num_rows == 6
+
+
+def test_plain_luigi_command_reads_luigi_cfg_and_exits_non_zero_on_failure(synth_dir, tmp_path):
+    """`luigi --module tasks ...` from the project folder: [retcode] makes a failed task exit non-zero,
+    and every key of luigi.cfg is one Luigi 3.8 reads (no UnconsumedParameterWarning)."""
+    luigi = [sys.executable, "-c", "import sys, luigi.cmdline; sys.exit(luigi.cmdline.luigi_run())"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "empty").mkdir()
+    failed = subprocess.run([*luigi, "--module", "tasks", "Dataset", "--workdir", str(tmp_path / "w"), "--audio-dir",
+                             str(tmp_path / "empty"), "--local-scheduler"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert failed.returncode == 30, failed.stderr[-2000:]  # [retcode] task_failed
+    ok = subprocess.run([*luigi, "--module", "tasks", "Dataset", "--workdir", str(tmp_path / "w"), "--audio-dir",
+                         str(synth_dir), "--dataset-split", "random", "--local-scheduler"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "UnconsumedParameterWarning" not in failed.stderr + ok.stderr
+    rows = pq.read_table(next((tmp_path / "w").glob("dataset/*/manifest.parquet"))).to_pylist()
+    assert {r["split"] for r in rows} == {"train", "valid", "test"} and len(rows) == 24
