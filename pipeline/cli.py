@@ -166,7 +166,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melsearch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="melsearch",
+        description="A genre classifier, a vector per song and a 'sounds like' search engine for a music collection.",
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True)
