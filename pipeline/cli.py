@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,10 +63,14 @@ def _luigi_config(args: argparse.Namespace) -> None:
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="data/work", help="where every stage writes (default: data/work)")
+    parser.add_argument("--workdir", default="data/work", type=os.path.expanduser,
+                        help="where every stage writes (default: data/work)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--audio-dir", default="", help="folder of audio; sub-folders are labels")
-    source.add_argument("--archive", default="", help="local genres.tar.gz (or any .tar/.tar.gz/.zip of audio)")
+    # `make run AUDIO_DIR=~/Music` passes the tilde through quotes: expand it here
+    source.add_argument("--audio-dir", default="", type=os.path.expanduser,
+                        help="folder of audio; sub-folders are labels")
+    source.add_argument("--archive", default="", type=os.path.expanduser,
+                        help="local genres.tar.gz (or any .tar/.tar.gz/.zip of audio)")
     parser.add_argument("--model", default=None, help="cifar10, resnet_v2 or all (default: luigi.cfg [train] model)")
     parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
     parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")
