@@ -7,12 +7,10 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pipeline.errors import MelsearchError
 
 log = logging.getLogger("pipeline")
-PROJECT_CFG = Path(__file__).resolve().parent.parent / "luigi.cfg"
 STAGES = ("dataset", "features", "train", "embeddings", "index")
 HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "epochs_run", "best_epoch", "test_accuracy", "test_macro_f1",
                     "count", "recall_at_10", "genre_precision_at_10")
@@ -34,12 +32,9 @@ def _configure_logging(verbose: int) -> None:
 
 
 def _luigi_config(args: argparse.Namespace) -> None:
-    """Load luigi.cfg (the working directory's, else the project's) and apply command-line overrides."""
-    import luigi.configuration
+    """Load luigi.cfg and apply the command line's settings (tasks/ owns everything Luigi)."""
+    from tasks.config import configure
 
-    if not Path("luigi.cfg").exists() and PROJECT_CFG.exists():
-        luigi.configuration.add_config_path(str(PROJECT_CFG))
-    config = luigi.configuration.get_config()
     overrides = {
         ("dataset", "split"): args.split,
         ("dataset", "gtzan_urls"): json.dumps(args.gtzan_url) if args.gtzan_url else None,
@@ -55,11 +50,7 @@ def _luigi_config(args: argparse.Namespace) -> None:
         if not (sep and dot and section and option):
             raise MelsearchError(f"--set {item!r}: expected SECTION.OPTION=VALUE, e.g. features.n_mels=96")
         overrides[(section, option)] = value
-    for (section, option), value in overrides.items():
-        if value is not None:
-            if not config.has_section(section):
-                config.add_section(section)
-            config.set(section, option, str(value))
+    configure({key: str(value) for key, value in overrides.items() if value is not None})
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:

@@ -5,9 +5,25 @@ a run reads the same values, and each task's output path carries a hash of the v
 ``luigi --module tasks Pipeline --train-epochs 5`` overrides one on the command line.
 """
 
+from pathlib import Path
+
 import luigi
+import luigi.configuration
 
 from pipeline.sources import GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
+
+PROJECT_CFG = Path(__file__).resolve().parent.parent / "luigi.cfg"
+
+
+def configure(overrides: dict[tuple[str, str], str]) -> None:
+    """Read luigi.cfg (the working directory's, else the project's) and set ``{(section, option): value}``."""
+    if not Path("luigi.cfg").exists() and PROJECT_CFG.exists():
+        luigi.configuration.add_config_path(str(PROJECT_CFG))
+    config = luigi.configuration.get_config()
+    for (section, option), value in overrides.items():
+        if not config.has_section(section):
+            config.add_section(section)
+        config.set(section, option, value)
 
 
 class dataset(luigi.Config):  # noqa: N801 (Luigi names a Config's section after its class)
