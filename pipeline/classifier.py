@@ -151,15 +151,19 @@ class GenreClassifier:
         vectors = l2_normalise(embedding - self.embedding_center, names=names)
         return vectors, torch.softmax(logits, dim=1).numpy()
 
-    def _file_mel(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        """(1, n_mels, n_frames) dB log-mel of an audio file and its (1,) frames holding audio."""
-        mel, n_true = log_mel_for_file(path, self.mel_config)  # MelsearchError if missing or undecodable
-        return mel[None], np.array([n_true])
+    def embed_and_predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`embed_and_predict` of one audio file, decoded with the model's log-mel settings.
+
+        Returns the (D,) float32 unit search vector and the (n_classes,) float32 probabilities.
+        Raises MelsearchError naming the file when it is missing or not decodable.
+        """
+        mel, n_true = log_mel_for_file(path, self.mel_config)  # (n_mels, n_frames) dB, frames holding audio
+        vectors, probabilities = self.embed_and_predict(mel[None], n_frames=np.array([n_true]), names=[str(path)])
+        return vectors[0], probabilities[0]
 
     def predict(self, path: str | os.PathLike) -> dict:
         """Genre of an audio file: ``{"path", "label", "probabilities": {label: p}}`` (p: float, sum 1)."""
-        mel, n_true = self._file_mel(path)
-        probabilities = self.embed_and_predict(mel, n_frames=n_true)[1][0]
+        probabilities = self.embed_and_predict_file(path)[1]
         return {
             "path": str(path),
             "label": self.labels[int(probabilities.argmax())],
@@ -172,5 +176,4 @@ class GenreClassifier:
         The same vector the embeddings stage stores for the file (up to its float16 features) and the query
         helper searches with.
         """
-        mel, n_true = self._file_mel(path)
-        return self.embed_and_predict(mel, n_frames=n_true, names=[str(path)])[0][0]
+        return self.embed_and_predict_file(path)[0]

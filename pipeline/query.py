@@ -206,15 +206,10 @@ class MusicSearch:
 
     def _embed_file(self, path: Path) -> tuple[np.ndarray, str]:
         """(D,) float32 search vector of an audio file (as the embeddings stage makes them) and its predicted genre."""
-        from pipeline.features import log_mel_for_file
-
         if not path.is_file():
             raise MelsearchError(f"{path}: no such file")
-        classifier = self.classifier
-        mel, n_true = log_mel_for_file(path, classifier.mel_config)  # (n_mels, n_frames) dB; MelsearchError if bad
-        vectors, probabilities = classifier.embed_and_predict(mel[None], n_frames=np.array([n_true]),
-                                                              names=[str(path)])
-        return vectors[0], classifier.labels[int(probabilities[0].argmax())]
+        vector, probabilities = self.classifier.embed_and_predict_file(path)
+        return vector, self.classifier.labels[int(probabilities.argmax())]
 
     def _index_vectors(self) -> np.ndarray:
         """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""
