@@ -1,7 +1,7 @@
 """Benchmark: the features stage's shard writer against the naive loop of the original project.
 
 The naive loop is what the 2018 code did per file: ``librosa.load`` + ``melspectrogram`` + ``power_to_db``,
-one file after another, each result saved as a loose ``.npy``. Ours is :func:`pipeline.features.write_feature_shard`
+one file after another, each result saved as a loose ``.npy``. Ours is :func:`pipeline.feature_shards.write_feature_shard`
 with every core. Both make the same spectrograms (the script prints their largest difference).
 
 Each method runs in a fresh Python process, so its peak memory is its own; imports and a one-clip warm-up
@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.audio import is_audio_path  # noqa: E402
-from pipeline.features import MelConfig, write_feature_shard  # noqa: E402
+from pipeline.feature_shards import write_feature_shard  # noqa: E402
+from pipeline.mel import MelConfig  # noqa: E402
 from pipeline.synth import SYNTH_CLASSES, write_synthetic_dataset  # noqa: E402
 
 METHODS = ("naive", "ours")

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import MODEL_NAMES, build_model  # noqa: E402
-from pipeline.features import MelConfig  # noqa: E402
+from pipeline.mel import MelConfig  # noqa: E402
 from pipeline.train import TrainConfig, crop_frames, train_step  # noqa: E402
 
 

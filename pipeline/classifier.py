@@ -21,7 +21,7 @@ import torch
 from models import build_model
 from pipeline.embeddings import l2_normalise
 from pipeline.errors import MelsearchError
-from pipeline.features import MelConfig, log_mel_for_file
+from pipeline.mel import MelConfig, log_mel_for_file
 from pipeline.train import load_checkpoint, resolve_device, standardise, track_outputs
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pipeline.manifest import read_manifest
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
-    from pipeline.features import FeatureStore
+    from pipeline.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def write_embeddings(
         ``ok`` track of the manifest has features.
     """
     from pipeline.classifier import GenreClassifier  # torch: only the writer needs it, not readers of the file
-    from pipeline.features import FeatureStore  # librosa
+    from pipeline.feature_store import FeatureStore  # librosa
 
     model_dir = Path(model_dir).resolve()  # its name is the model key, even when given as '.'
     classifier = GenreClassifier.load(model_dir, device=device)

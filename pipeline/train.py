@@ -43,9 +43,10 @@ from pipeline.evaluate import (
     plot_model_comparison,
     write_history,
 )
-from pipeline.features import FeatureStore, MelConfig
+from pipeline.feature_store import FeatureStore
 from pipeline.io import atomic_path, params_key, write_json_atomic
 from pipeline.manifest import SPLITS, read_manifest
+from pipeline.mel import MelConfig
 
 __all__ = [
     "TrainConfig",

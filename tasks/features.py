@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import luigi
 
-from pipeline.features import MelConfig, merge_feature_shards, shard_tracks, write_feature_shard
+from pipeline.feature_shards import merge_feature_shards, shard_tracks, write_feature_shard
 from pipeline.io import params_key
 from pipeline.manifest import read_manifest
+from pipeline.mel import MelConfig
 from tasks.base import StageTask
 from tasks.config import features
 from tasks.dataset import Dataset

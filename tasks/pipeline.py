@@ -19,7 +19,7 @@ from luigi.execution_summary import LuigiStatusCode
 
 from models import MODEL_NAMES
 from pipeline.errors import MelsearchError
-from pipeline.features import FeatureStore
+from pipeline.feature_store import FeatureStore
 from pipeline.manifest import read_manifest
 from tasks.base import StageTask
 from tasks.dataset import Dataset

@@ -17,8 +17,10 @@ from trained_models import MEL, trained_cifar10  # the model of the training tes
 from models import build_model
 from pipeline.classifier import GenreClassifier
 from pipeline.errors import MelsearchError
-from pipeline.features import FeatureStore, MelConfig, write_feature_shard
+from pipeline.feature_shards import write_feature_shard
+from pipeline.feature_store import FeatureStore
 from pipeline.manifest import write_manifest
+from pipeline.mel import MelConfig
 from pipeline.train import TrainConfig, standardise, train_model
 
 

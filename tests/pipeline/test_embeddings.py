@@ -15,8 +15,10 @@ from models.cifar10 import Cifar10Net
 from pipeline.classifier import GenreClassifier
 from pipeline.embeddings import embeddings_metadata, read_embeddings, write_embeddings
 from pipeline.errors import MelsearchError
-from pipeline.features import FeatureStore, MelConfig, write_feature_shard
+from pipeline.feature_shards import write_feature_shard
+from pipeline.feature_store import FeatureStore
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.mel import MelConfig
 
 
 @pytest.fixture(scope="session")

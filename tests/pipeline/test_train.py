@@ -22,8 +22,9 @@ from trained_models import FAST, MEL, trained_cifar10
 from models import build_model
 from pipeline.errors import MelsearchError
 from pipeline.evaluate import classification_metrics, plot_model_comparison, read_history
-from pipeline.features import FeatureStore, MelConfig
+from pipeline.feature_store import FeatureStore
 from pipeline.manifest import write_manifest
+from pipeline.mel import MelConfig
 from pipeline.train import TrainConfig, _crop_plan, crop_frames, load_checkpoint, standardise, train_model
 
 REPO = Path(__file__).resolve().parents[2]

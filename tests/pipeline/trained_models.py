@@ -15,8 +15,9 @@ import pytest
 import soundfile as sf
 
 from pipeline.dataset import build_manifest
-from pipeline.features import MelConfig, write_feature_shard
+from pipeline.feature_shards import write_feature_shard
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.mel import MelConfig
 from pipeline.synth import write_synthetic_dataset
 from pipeline.train import TrainConfig, train_model
 
