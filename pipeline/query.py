@@ -282,6 +282,84 @@ class MusicSearch:
         log.info("added %s as %s to %s", path, track_id, table)
         return track_id
 
+    def tracks(self) -> list[dict]:
+        """Every searchable song, indexed ones first: ``[{"track_id", "label", "path"}]`` (the id table's values)."""
+        return [{"track_id": row["track_id"], "label": row["label"], "path": row["path"]}
+                for row in [*self._items, *self._added_rows]]
+
+    def recommend(
+        self,
+        history: Sequence[str],
+        *,
+        top_k: int = 10,
+        rule: str = "merge",
+        window: int | None = None,
+        exact: bool = False,
+    ) -> list[dict]:
+        """Songs to play next after a listening history: neighbours of its last songs, never one of the history.
+
+        Two rules, over the last ``window`` distinct songs of ``history`` (oldest first, the newest last; default
+        ``HISTORY_WINDOW``, the original's 10):
+
+        ``"merge"`` (the default)
+            The original project's recommender: the ``PER_SONG`` (5) nearest neighbours of each song, merged,
+            ranked by their best distance to any history song, each song once. More per song when
+            ``top_k`` needs it (``ceil(top_k / songs)``). The default because it keeps a mixed history's
+            several tastes: three blues songs and two metal songs get blues and metal neighbours, where
+            a centroid lands between the two and returns songs like neither.
+        ``"centroid"``
+            The neighbours of the L2-normalised mean of the history's vectors (one search): best for a
+            history of one taste, where it favours songs close to all of it over songs close to one.
+
+        Returns
+        -------
+        :meth:`query`'s list: ``[{"rank", "track_id", "label", "distance", "path"}]``, ``distance`` to the
+        nearest history song (merge) or to the centroid.
+
+        Raises
+        ------
+        MelsearchError
+            Empty history, an unknown track id in it, an unknown rule, ``top_k < 1`` or ``window < 1``.
+        """
+        if rule not in RECOMMEND_RULES:
+            raise MelsearchError(f"unknown recommend rule {rule!r} (one of {', '.join(RECOMMEND_RULES)})")
+        window = HISTORY_WINDOW if window is None else window
+        if top_k < 1 or window < 1:
+            raise MelsearchError(f"top_k and window must be >= 1, got {top_k} and {window}")
+        # the newest listen of a song counts: keep each song's last position, then the last `window` songs
+        latest = list(dict.fromkeys(reversed([str(track) for track in history])))[::-1]
+        if not latest:
+            raise MelsearchError("empty listening history: give at least one track id")
+        unknown = [track for track in latest if self._vector_of(track) is None]
+        if unknown:
+            raise MelsearchError(f"{', '.join(unknown[:5])}: unknown track id(s) in index {self.index_dir}")
+        listened = set(latest)
+        seeds = latest[-window:]
+
+        def in_history(row: dict, _distance: float) -> bool:
+            return row["track_id"] in listened
+
+        if rule == "centroid":
+            mean = np.mean([self._vector_of(track) for track in seeds], axis=0, dtype=np.float32)
+            norm = float(np.linalg.norm(mean))
+            if norm < 1e-6:  # opposite songs cancel out: no direction to search in
+                raise MelsearchError(f"the history's songs cancel out (mean vector ~0): use rule 'merge' for {seeds}")
+            return self._search(mean / norm, top_k, exact=exact, is_query=in_history)
+        per_song = max(PER_SONG, -(-top_k // len(seeds)))
+        best: dict[str, dict] = {}
+        for track in seeds:
+            for hit in self._search(self._vector_of(track), per_song, exact=exact, is_query=in_history):
+                if hit["track_id"] not in best or hit["distance"] < best[hit["track_id"]]["distance"]:
+                    best[hit["track_id"]] = hit
+        merged = sorted(best.values(), key=lambda hit: (hit["distance"], hit["track_id"]))[:top_k]
+        return [{**hit, "rank": rank} for rank, hit in enumerate(merged, start=1)]
+
+
+# recommend(): the original project's rule looks at the last 10 songs listened to and 5 neighbours of each
+HISTORY_WINDOW = 10
+PER_SONG = 5
+RECOMMEND_RULES = ("merge", "centroid")
+
 
 def _sha256_or_none(path: str) -> str | None:
     """The file's sha256, or None when it cannot be read (moved since indexing: its distance decides alone)."""
@@ -346,6 +424,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = search.query_track(args.track, top_k=args.top_k, exact=args.exact)
         else:
             results = search.query_file(args.file, top_k=args.top_k, exact=args.exact)
+    except MelsearchError as exc:
+        print(f"melsearch: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def build_recommend_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="melsearch recommend",
+        description="Songs to play next after a listening history (oldest first), never one of the history.",
+    )
+    parser.add_argument("--history", required=True, metavar="ID,ID,...",
+                        help="track ids of the index listened to, oldest first, comma-separated")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
+    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
+    parser.add_argument("--rule", default="merge", choices=RECOMMEND_RULES,
+                        help="merge: the 5 nearest of each of the last 10 songs, merged (default, the original "
+                             "project's rule); centroid: nearest to the mean of the last 10")
+    parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, for comparison")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    return parser
+
+
+def recommend_main(argv: Sequence[str] | None = None) -> int:
+    """``melsearch recommend``: print what to play after ``--history``; 1 with one line on errors."""
+    args = build_recommend_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    history = [track.strip() for track in args.history.split(",") if track.strip()]
+    try:
+        search = MusicSearch.load(args.index_dir or args.workdir, model=args.model)
+        results = search.recommend(history, top_k=args.top_k, rule=args.rule, exact=args.exact)
     except MelsearchError as exc:
         print(f"melsearch: {exc}", file=sys.stderr)
         return 1
