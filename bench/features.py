@@ -1,8 +1,9 @@
 """Benchmark: the features stage's shard writer against the naive loop of the original project.
 
 The naive loop is what the 2018 code did per file: ``librosa.load`` + ``melspectrogram`` + ``power_to_db``,
-one file after another, each result saved as a loose ``.npy``. Ours is :func:`pipeline.feature_shards.write_feature_shard`
-with every core. Both make the same spectrograms (the script prints their largest difference).
+one file after another, each result saved as a loose ``.npy``. Ours is
+:func:`pipeline.feature_shards.write_feature_shard` with every core. Both make the same spectrograms (the script
+prints their largest difference).
 
 Each method runs in a fresh Python process, so its peak memory is its own; imports and a one-clip warm-up
 happen before the clock starts (the pool's start-up is timed); every clip is read once beforehand so both

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.embeddings import l2_normalise  # noqa: E402
 from pipeline.index import build_annoy, effective_search_k, exact_neighbours, read_ids  # noqa: E402
+from pipeline.vectors import l2_normalise  # noqa: E402
 
 _CHUNK = 50_000  # vectors generated per step (bounded memory while filling the array)
 

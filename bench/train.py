@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import MODEL_NAMES, build_model  # noqa: E402
+from pipeline.inference import crop_frames  # noqa: E402
 from pipeline.mel import MelConfig  # noqa: E402
-from pipeline.train import TrainConfig, crop_frames, train_step  # noqa: E402
+from pipeline.train import TrainConfig, train_step  # noqa: E402
 
 
 def samples_per_second(name: str, shape: tuple[int, int], *, device: torch.device, autocast: bool,

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from models import build_model
-from pipeline.embeddings import l2_normalise
 from pipeline.errors import MelsearchError
+from pipeline.inference import load_checkpoint, resolve_device, standardise, track_outputs
 from pipeline.mel import MelConfig, log_mel_for_file
-from pipeline.train import load_checkpoint, resolve_device, standardise, track_outputs
+from pipeline.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 ROW_COLUMNS = ("track_id", "path", "label", "split", "predicted_label")
 # Schema metadata keys (Parquet stores bytes); read back by embeddings_metadata() without the prefix.
 _META_PREFIX = "melsearch."
-# Norms below this are treated as zero vectors (a track's embedding can equal the model's center).
-_MIN_NORM = 1e-12
 
 
 def embeddings_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
@@ -44,17 +42,6 @@ def embeddings_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
     fields = [(name, pa.string()) for name in ROW_COLUMNS]
     fields.append(("embedding", pa.list_(pa.float32(), dim)))
     return pa.schema(fields, metadata={f"{_META_PREFIX}{k}": str(v) for k, v in metadata.items()})
-
-
-def l2_normalise(vectors: np.ndarray, *, names: Sequence[str] = ()) -> np.ndarray:
-    """Rows of ``vectors`` (N, D) scaled to unit L2 norm, float32; all-zero rows stay zero (logged by name)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    zero = norms[:, 0] < _MIN_NORM
-    if zero.any():
-        which = [names[i] for i in np.flatnonzero(zero)] if names else np.flatnonzero(zero).tolist()
-        log.warning("zero embedding (left as zeros, never a close neighbour): %s", which)
-    return vectors / np.where(zero[:, None], 1.0, norms)
 
 
 def _record_batch(rows: Sequence[dict], vectors: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:

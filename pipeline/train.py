@@ -36,29 +36,12 @@ from tqdm import tqdm
 
 from models import MODEL_NAMES, build_model
 from pipeline.errors import MelsearchError
-from pipeline.evaluate import (
-    classification_metrics,
-    plot_confusion,
-    plot_curves,
-    plot_model_comparison,
-    write_history,
-)
+from pipeline.evaluate import classification_metrics, plot_confusion, plot_curves, write_history
 from pipeline.feature_store import FeatureStore
+from pipeline.inference import crop_frames, gather_crops, load_checkpoint, resolve_device, standardise, track_outputs
 from pipeline.io import atomic_path, params_key, write_json_atomic
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.mel import MelConfig
-
-__all__ = [
-    "TrainConfig",
-    "crop_frames",
-    "load_checkpoint",
-    "plot_model_comparison",
-    "resolve_device",
-    "standardise",
-    "track_outputs",
-    "train_model",
-    "train_step",
-]
 
 log = logging.getLogger(__name__)
 
@@ -111,31 +94,6 @@ class TrainConfig:
         return params_key(self.to_dict())
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise MelsearchError(f"unknown device {device!r} (use auto, cpu or cuda)") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MelsearchError(f"device {device!r} asked for, but this torch sees no CUDA GPU")
-    if resolved.type not in ("cpu", "cuda"):
-        raise MelsearchError(f"unsupported device {device!r} (use auto, cpu or cuda)")
-    return resolved
-
-
-def crop_frames(mel_config: MelConfig, crop_s: float) -> int:
-    """Frames in a crop of ``crop_s`` seconds, ``round(crop_s * sr / hop_length)``, at most the clip's frames."""
-    return max(1, min(round(crop_s * mel_config.sr / mel_config.hop_length), mel_config.n_frames))
-
-
-def standardise(mels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``(mels - mean) / std`` per mel band: (N, n_mels, T) dB, (n_mels,), (n_mels,) -> (N, n_mels, T) float32."""
-    return ((mels - mean[:, None]) / std[:, None]).astype(np.float32, copy=False)
-
-
 def _band_statistics(mels: np.ndarray, n_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std (n_mels,) float32 in dB of each mel band over the frames that hold audio."""
     total = np.zeros(mels.shape[1])
@@ -149,58 +107,6 @@ def _band_statistics(mels: np.ndarray, n_true: np.ndarray) -> tuple[np.ndarray, 
     # a band that never changes (silent synthetic input) would divide by zero
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0)).clip(min=1e-3)
     return mean.astype(np.float32), std.astype(np.float32)
-
-
-def _crop_plan(n_true: np.ndarray, crop: int, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every non-overlapping crop of each track's audio: (n_crops,) track indices and start frames.
-
-    A track shorter than one crop still gets one crop at frame 0 (its padding fills the rest).
-    """
-    counts = np.maximum(1, np.asarray(n_true) // crop)
-    tracks = np.repeat(np.arange(len(counts)), counts)
-    first = np.cumsum(counts) - counts
-    starts = (np.arange(tracks.size) - first[tracks]) * crop
-    return tracks, np.minimum(starts, total - crop)
-
-
-def _gather_crops(data: torch.Tensor, tracks: np.ndarray, starts: np.ndarray, crop: int,
-                  device: torch.device) -> torch.Tensor:
-    """Crops of ``data`` (N, n_mels, T): (len(tracks), 1, n_mels, crop) on ``device`` (channels-last on CUDA)."""
-    index = torch.as_tensor(tracks, device=data.device)[:, None, None]
-    frames = torch.as_tensor(starts, device=data.device)[:, None] + torch.arange(crop, device=data.device)
-    bands = torch.arange(data.shape[1], device=data.device)[None, :, None]
-    x = data[index, bands, frames[:, None, :]].unsqueeze(1)  # (b, 1, n_mels, crop)
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
-@torch.no_grad()
-def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, n_true: np.ndarray, *,
-                  crop: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Mean of ``fn`` over every non-overlapping crop of each track.
-
-    Parameters
-    ----------
-    fn : (b, 1, n_mels, crop) -> (b, D), e.g. a model's ``forward`` (logits) or ``embed``; call it in eval mode.
-    data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``.
-    n_true : (N,) frames that hold audio per track; crops cover only those.
-    crop, batch_size : crop length in frames, crops per forward pass.
-
-    Returns
-    -------
-    (N, D) float32 on ``device``. On CUDA the forward passes run under bf16 autocast.
-    """
-    tracks, starts = _crop_plan(n_true, crop, data.shape[2])
-    sums = None
-    for begin in range(0, tracks.size, batch_size):
-        x = _gather_crops(data, tracks[begin : begin + batch_size], starts[begin : begin + batch_size], crop, device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = fn(x).float()  # (b, D)
-        if sums is None:
-            sums = torch.zeros(len(n_true), out.shape[1], device=device)
-        sums.index_add_(0, torch.as_tensor(tracks[begin : begin + batch_size], device=device), out)
-    counts = torch.as_tensor(np.bincount(tracks, minlength=len(n_true)), device=device, dtype=torch.float32)
-    return sums / counts[:, None]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
@@ -223,23 +129,6 @@ def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Cosine decay from ``cfg.lr`` at epoch 1 to ``_LR_FLOOR * cfg.lr`` at ``cfg.epochs``."""
     progress = (epoch - 1) / max(1, cfg.epochs - 1)
     return cfg.lr * (_LR_FLOOR + (1 - _LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    required: tuple[str, ...] = ()) -> dict:
-    """``torch.load(path, weights_only=True)`` as a dict holding ``required`` keys, or a one-line MelsearchError."""
-    path = Path(path)
-    if not path.is_file():
-        raise MelsearchError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of arbitrary objects, wrong file type: all mean "corrupt"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MelsearchError(f"{path}: corrupt or unsafe checkpoint ({reason})") from None
-    missing = [key for key in required if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise MelsearchError(f"{path}: not a melsearch checkpoint (missing {', '.join(missing)})")
-    return state
 
 
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -350,141 +239,196 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
     MelsearchError
         Naming the file, for missing/unreadable inputs, no train tracks, or a corrupt or foreign checkpoint.
     """
-    # -- seed and device
     out_dir = Path(out_dir)
+    dev = _set_up_device(device)
+    torch.manual_seed(cfg.seed)
+    data = _TrainingData.load(features_path, manifest_path, cfg, dev)
+    model = build_model(cfg.model, n_classes=len(data.labels), n_mels=data.mel_config.n_mels, **cfg.model_kwargs)
+    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = {
+        "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
+        "feature_key": data.mel_config.key(),
+        "labels": data.labels,
+        "tracks": {name: int(len(idx)) for name, idx in data.subsets.items()},
+    }
+    checkpoints = _Checkpoints(out_dir / "checkpoints", run)
+    state, best_weights = checkpoints.resume(model, optimizer, dev)
+
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"] + 1
+        row = _train_epoch(model, optimizer, data, cfg, epoch, dev)
+        state["history"].append(row)
+        state["epoch"] = epoch
+        # without a validation split the last epoch is the best one and training runs to cfg.epochs
+        if not data.subsets["valid"].size or row["valid_loss"] < state["best_loss"]:
+            state.update(best_epoch=epoch, bad_epochs=0,
+                         best_loss=row["valid_loss"] if data.subsets["valid"].size else math.inf)
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            checkpoints.save_best(best_weights, epoch, row)
+        else:
+            state["bad_epochs"] += 1
+        if epoch % cfg.checkpoint_interval == 0 or state["bad_epochs"] >= cfg.patience or epoch == cfg.epochs:
+            checkpoints.save_last(state, model, optimizer, best_weights)
+        log.info("%s epoch %d/%d: train loss %.4f acc %.3f, valid loss %.4f acc %.3f, lr %.2e, %.1f s", cfg.model,
+                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["valid_loss"], row["valid_acc"],
+                 row["lr"], row["seconds"])
+        if progress is not None:
+            progress(epoch, cfg.epochs)
+
+    _load_weights(model, best_weights, checkpoints.last)
+    return _write_model_folder(out_dir, model, best_weights, data, cfg, state, dev)
+
+
+def _set_up_device(device: str) -> torch.device:
+    """The torch device, with every allowed CPU core for CPU training and cuDNN autotuning on CUDA."""
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     else:
         torch.backends.cudnn.benchmark = True  # every batch has the same shape
-    autocast = dev.type == "cuda"
-    torch.manual_seed(cfg.seed)
+    return dev
 
-    # -- data: standardised with train-split statistics only
-    d = _load_split_data(features_path, manifest_path)
-    mel_config, labels, y, split, n_true = d["mel_config"], d["labels"], d["y"], d["split"], d["n_true"]
-    crop = crop_frames(mel_config, cfg.crop_s)
-    train_idx = np.flatnonzero(split == "train")
-    mean, std = _band_statistics(d["mels"][train_idx], n_true[train_idx])
-    data = _place(standardise(d["mels"], mean, std), dev)
-    del d
-    subsets = {name: np.flatnonzero(split == name) for name in SPLITS}
-    log.info("%s: %s tracks, %d labels, crops of %d frames, on %s", cfg.model,
-             {name: len(idx) for name, idx in subsets.items()}, len(labels), crop, dev)
-    eval_batch = cfg.batch_size * 4
 
-    def evaluate(name: str) -> tuple[float, float, np.ndarray]:
-        idx = subsets[name]
-        return _evaluate(model, data[torch.as_tensor(idx, device=data.device)], n_true[idx], y[idx], crop=crop,
-                         batch_size=eval_batch, device=dev)
+@dataclass
+class _TrainingData:
+    """Standardised log-mels of every labelled track, their labels, splits and the crop length.
 
-    # -- model, and what a checkpoint must match to be resumed
-    model = build_model(cfg.model, n_classes=len(labels), n_mels=mel_config.n_mels, **cfg.model_kwargs).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    run = {
-        "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
-        "feature_key": mel_config.key(),
-        "labels": labels,
-        "tracks": {name: int(len(idx)) for name, idx in subsets.items()},
-    }
+    ``data`` (N, n_mels, T) float32 (on the GPU when it fits), ``n_true`` (N,) frames holding audio,
+    ``y`` (N,) int64 label indices, ``subsets`` split name -> row indices, ``mean``/``std`` (n_mels,) dB.
+    """
 
-    # -- optimiser and the state to resume
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
-    state = {"epoch": 0, "best_epoch": 0, "best_loss": math.inf, "bad_epochs": 0, "history": []}
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if last_path.exists():
-        ckpt = load_checkpoint(last_path, device=dev, required=(*state, "run", "model", "optimizer", "best_model"))
-        if ckpt["run"] != run:
-            changed = sorted(k for k in run if ckpt["run"].get(k) != run[k])
-            raise MelsearchError(f"{last_path}: checkpoint of another run (differs in {', '.join(changed)}); "
+    data: torch.Tensor
+    n_true: np.ndarray
+    y: np.ndarray
+    subsets: dict[str, np.ndarray]
+    labels: list[str]
+    mel_config: MelConfig
+    mean: np.ndarray
+    std: np.ndarray
+    crop: int
+    eval_batch: int
+
+    @classmethod
+    def load(cls, features_path: str | os.PathLike, manifest_path: str | os.PathLike, cfg: TrainConfig,
+             dev: torch.device) -> _TrainingData:
+        d = _load_split_data(features_path, manifest_path)
+        subsets = {name: np.flatnonzero(d["split"] == name) for name in SPLITS}
+        train_idx = subsets["train"]
+        # standardised with train-split statistics only
+        mean, std = _band_statistics(d["mels"][train_idx], d["n_true"][train_idx])
+        crop = crop_frames(d["mel_config"], cfg.crop_s)
+        log.info("%s: %s tracks, %d labels, crops of %d frames, on %s", cfg.model,
+                 {name: len(idx) for name, idx in subsets.items()}, len(d["labels"]), crop, dev)
+        return cls(data=_place(standardise(d["mels"], mean, std), dev), n_true=d["n_true"], y=d["y"],
+                   subsets=subsets, labels=d["labels"], mel_config=d["mel_config"], mean=mean, std=std, crop=crop,
+                   eval_batch=cfg.batch_size * 4)
+
+    def rows(self, idx: np.ndarray) -> torch.Tensor:
+        """The log-mels at ``idx``: (len(idx), n_mels, T) on the features' device."""
+        return self.data[torch.as_tensor(idx, device=self.data.device)]
+
+    def evaluate(self, model: nn.Module, name: str, dev: torch.device) -> tuple[float, float, np.ndarray]:
+        """Track-level loss, accuracy and predictions on split ``name``."""
+        idx = self.subsets[name]
+        return _evaluate(model, self.rows(idx), self.n_true[idx], self.y[idx], crop=self.crop,
+                         batch_size=self.eval_batch, device=dev)
+
+
+class _Checkpoints:
+    """``last.pt`` (everything to resume) and ``best.pt`` (the best weights) of one run, written atomically."""
+
+    def __init__(self, folder: Path, run: dict) -> None:
+        self.last, self.best, self.run = folder / "last.pt", folder / "best.pt", run
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+               dev: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The loop state and best weights: fresh, or from ``last.pt`` of the same run (loaded into both)."""
+        state = {"epoch": 0, "best_epoch": 0, "best_loss": math.inf, "bad_epochs": 0, "history": []}
+        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not self.last.exists():
+            return state, best_weights
+        ckpt = load_checkpoint(self.last, device=dev, required=(*state, "run", "model", "optimizer", "best_model"))
+        if ckpt["run"] != self.run:
+            changed = sorted(k for k in self.run if ckpt["run"].get(k) != self.run[k])
+            raise MelsearchError(f"{self.last}: checkpoint of another run (differs in {', '.join(changed)}); "
                                  "remove it or train into another folder")
-        _load_weights(model, ckpt["model"], last_path)
+        _load_weights(model, ckpt["model"], self.last)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
-            raise MelsearchError(f"{last_path}: optimiser state does not fit the model ({exc})") from None
-        best_weights = ckpt["best_model"]
-        state = {key: ckpt[key] for key in state}
-        log.info("resuming %s from %s at epoch %d", cfg.model, last_path, state["epoch"])
+            raise MelsearchError(f"{self.last}: optimiser state does not fit the model ({exc})") from None
+        log.info("resuming from %s at epoch %d", self.last, ckpt["epoch"])
+        return {key: ckpt[key] for key in state}, ckpt["best_model"]
 
-    # -- the loop: learning rate, forward/backward and step, evaluate, checkpoint, log
-    has_valid = subsets["valid"].size > 0
-    train_counts = np.maximum(1, n_true[train_idx] // crop)
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        epoch = state["epoch"] + 1
-        started = time.perf_counter()
-        lr = _lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Seeded per epoch (crops, order, dropout), so a resumed run draws what an uninterrupted one would.
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        # about as many crops per epoch as fit in the train audio without overlap
-        tracks = rng.permutation(np.repeat(train_idx, train_counts))
-        room = np.maximum(n_true[tracks], crop) - crop + 1
-        starts = np.minimum(rng.integers(0, room), data.shape[2] - crop)
-        model.train()
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.int64)
-        seen = 0
-        # a last batch of one would break batch norm on the 1x1 maps at the end of the network
-        n_batches = max(1, len(tracks) // cfg.batch_size + (len(tracks) % cfg.batch_size > 1))
-        for b in tqdm(range(n_batches), desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch",
-                      leave=False, disable=None):
-            chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-            x = _gather_crops(data, tracks[chunk], starts[chunk], crop, dev)
-            target = torch.as_tensor(y[tracks[chunk]], device=dev)
-            batch_loss, batch_correct = train_step(model, optimizer, x, target, autocast=autocast)
-            loss_sum += batch_loss
-            correct += batch_correct
-            seen += target.numel()
-        valid_loss, valid_acc, _ = evaluate("valid")
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-               "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
-               "seconds": round(time.perf_counter() - started, 3)}
-        state["history"].append(row)
-        state["epoch"] = epoch
-        # without a validation split the last epoch is the best one and training runs to cfg.epochs
-        if not has_valid or valid_loss < state["best_loss"]:
-            state.update(best_epoch=epoch, best_loss=valid_loss if has_valid else math.inf, bad_epochs=0)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _save_atomic({"model": best_weights, "epoch": epoch, "valid_loss": valid_loss, "valid_acc": valid_acc,
-                          "run": run}, best_path)
-        else:
-            state["bad_epochs"] += 1
-        stopping = state["bad_epochs"] >= cfg.patience or epoch == cfg.epochs
-        if epoch % cfg.checkpoint_interval == 0 or stopping:
-            _save_atomic({**state, "format": _CHECKPOINT_FORMAT, "run": run, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "best_model": best_weights}, last_path)
-        log.info("%s epoch %d/%d: train loss %.4f acc %.3f, valid loss %.4f acc %.3f, lr %.2e, %.1f s",
-                 cfg.model, epoch, cfg.epochs, row["train_loss"], row["train_acc"], valid_loss, valid_acc, lr,
-                 row["seconds"])
-        if progress is not None:
-            progress(epoch, cfg.epochs)
+    def save_best(self, weights: dict[str, torch.Tensor], epoch: int, row: dict) -> None:
+        _save_atomic({"model": weights, "epoch": epoch, "valid_loss": row["valid_loss"],
+                      "valid_acc": row["valid_acc"], "run": self.run}, self.best)
 
-    # -- the best weights, evaluated; artifacts, metrics.json last
-    _load_weights(model, best_weights, last_path)
-    valid_loss, valid_acc, _ = evaluate("valid")
-    test_loss, _, test_pred = evaluate("test")
-    test = classification_metrics(y[subsets["test"]], test_pred, labels)
+    def save_last(self, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  best_weights: dict[str, torch.Tensor]) -> None:
+        _save_atomic({**state, "format": _CHECKPOINT_FORMAT, "run": self.run, "model": model.state_dict(),
+                      "optimizer": optimizer.state_dict(), "best_model": best_weights}, self.last)
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _TrainingData, cfg: TrainConfig,
+                 epoch: int, dev: torch.device) -> dict:
+    """One epoch of random crops, then the validation figures: the epoch's ``history.csv`` row."""
+    started = time.perf_counter()
+    lr = _lr_at(cfg, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Seeded per epoch (crops, order, dropout), so a resumed run draws what an uninterrupted one would.
+    rng = np.random.default_rng([cfg.seed, epoch])
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+    train_idx, crop = data.subsets["train"], data.crop
+    # about as many crops per epoch as fit in the train audio without overlap
+    tracks = rng.permutation(np.repeat(train_idx, np.maximum(1, data.n_true[train_idx] // crop)))
+    room = np.maximum(data.n_true[tracks], crop) - crop + 1
+    starts = np.minimum(rng.integers(0, room), data.data.shape[2] - crop)
+    model.train()
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.int64)
+    # a last batch of one would break batch norm on the 1x1 maps at the end of the network
+    n_batches = max(1, len(tracks) // cfg.batch_size + (len(tracks) % cfg.batch_size > 1))
+    for b in tqdm(range(n_batches), desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                  disable=None):
+        chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+        x = gather_crops(data.data, tracks[chunk], starts[chunk], crop, dev)
+        target = torch.as_tensor(data.y[tracks[chunk]], device=dev)
+        batch_loss, batch_correct = train_step(model, optimizer, x, target, autocast=dev.type == "cuda")
+        loss_sum += batch_loss
+        correct += batch_correct
+    seen = len(tracks[: n_batches * cfg.batch_size])
+    valid_loss, valid_acc, _ = data.evaluate(model, "valid", dev)
+    return {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "valid_loss": valid_loss, "valid_acc": valid_acc, "lr": lr,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _write_model_folder(out_dir: Path, model: nn.Module, best_weights: dict[str, torch.Tensor], data: _TrainingData,
+                        cfg: TrainConfig, state: dict, dev: torch.device) -> dict:
+    """Evaluate the best weights, then write model.pt, config.json, history, plots and metrics.json (last)."""
+    labels, mel_config = data.labels, data.mel_config
+    valid_loss, valid_acc, _ = data.evaluate(model, "valid", dev)
+    test_loss, _, test_pred = data.evaluate(model, "test", dev)
+    test = classification_metrics(data.y[data.subsets["test"]], test_pred, labels)
     # The embedding layers end in softplus/ReLU, so every vector is positive and, uncentred, all point nearly the
     # same way; search vectors subtract this mean of the train tracks' crop-averaged embeddings (D,).
-    center = track_outputs(model.embed, data[torch.as_tensor(train_idx, device=data.device)], n_true[train_idx],
-                           crop=crop, batch_size=eval_batch, device=dev).mean(dim=0)
-    model_cpu = {k: v.detach().cpu().contiguous() for k, v in best_weights.items()}
-    _save_atomic(model_cpu, out_dir / "model.pt")
+    train_idx = data.subsets["train"]
+    center = track_outputs(model.embed, data.rows(train_idx), data.n_true[train_idx], crop=data.crop,
+                           batch_size=data.eval_batch, device=dev).mean(dim=0)
+    _save_atomic({k: v.detach().cpu().contiguous() for k, v in best_weights.items()}, out_dir / "model.pt")
     write_json_atomic(out_dir / "config.json", {
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "n_classes": len(labels),
         "labels": labels,
         "embedding_dim": model.embedding_dim,
-        "input_shape": [1, mel_config.n_mels, crop],
-        "crop_frames": crop,
-        "norm_mean": mean.tolist(),
-        "norm_std": std.tolist(),
+        "input_shape": [1, mel_config.n_mels, data.crop],
+        "crop_frames": data.crop,
+        "norm_mean": data.mean.tolist(),
+        "norm_std": data.std.tolist(),
         "embedding_center": center.cpu().tolist(),
         "mel_config": mel_config.to_dict(),
         "feature_key": mel_config.key(),
@@ -500,7 +444,7 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "stopped_early": state["bad_epochs"] >= cfg.patience,
-        "tracks": run["tracks"],
+        "tracks": {name: int(len(idx)) for name, idx in data.subsets.items()},
         "labels": labels,
         "valid_loss": valid_loss,
         "valid_accuracy": valid_acc,

@@ -19,9 +19,10 @@ from pipeline.classifier import GenreClassifier
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_feature_shard
 from pipeline.feature_store import FeatureStore
+from pipeline.inference import standardise
 from pipeline.manifest import write_manifest
 from pipeline.mel import MelConfig
-from pipeline.train import TrainConfig, standardise, train_model
+from pipeline.train import TrainConfig, train_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.embeddings import l2_normalise, read_embeddings, write_embedding_rows
+from pipeline.embeddings import read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.index import (
     IDS_FILE,
@@ -24,6 +24,7 @@ from pipeline.index import (
     load_annoy,
     read_ids,
 )
+from pipeline.vectors import l2_normalise
 
 META = {"model": "cifar10", "model_key": "cifar10-0123456789", "feature_key": "featkey"}
 

@@ -13,13 +13,14 @@ import soundfile as sf
 from trained_models import TINY_MELS, tiny_paths, tiny_workdir  # the embeddings tests' tiny model, built once
 
 from pipeline.dataset import build_manifest
-from pipeline.embeddings import l2_normalise, write_embedding_rows, write_embeddings
+from pipeline.embeddings import write_embedding_rows, write_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_feature_shard
 from pipeline.index import added_table_path, build_annoy_index, read_ids
 from pipeline.manifest import read_manifest
 from pipeline.query import MusicSearch, format_table, main
 from pipeline.synth import SYNTH_CLASSES, synth_clip
+from pipeline.vectors import l2_normalise
 
 
 @pytest.fixture(scope="session")

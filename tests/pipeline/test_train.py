@@ -23,9 +23,10 @@ from models import build_model
 from pipeline.errors import MelsearchError
 from pipeline.evaluate import classification_metrics, plot_model_comparison, read_history
 from pipeline.feature_store import FeatureStore
+from pipeline.inference import _crop_plan, crop_frames, load_checkpoint, standardise
 from pipeline.manifest import write_manifest
 from pipeline.mel import MelConfig
-from pipeline.train import TrainConfig, _crop_plan, crop_frames, load_checkpoint, standardise, train_model
+from pipeline.train import TrainConfig, train_model
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = ("model.pt", "config.json", "history.csv", "curves.png", "confusion.png", "metrics.json",

@@ -1,0 +1,110 @@
+"""What using a trained model needs: the device, crops of a log-mel, band standardisation, crop-averaged outputs
+and safe checkpoint loading. Training (:mod:`pipeline.train`) and inference (:mod:`pipeline.classifier`) share it,
+so a model is evaluated exactly as it is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import MelsearchError
+from pipeline.mel import MelConfig
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise MelsearchError(f"unknown device {device!r} (use auto, cpu or cuda)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MelsearchError(f"device {device!r} asked for, but this torch sees no CUDA GPU")
+    if resolved.type not in ("cpu", "cuda"):
+        raise MelsearchError(f"unsupported device {device!r} (use auto, cpu or cuda)")
+    return resolved
+
+
+def crop_frames(mel_config: MelConfig, crop_s: float) -> int:
+    """Frames in a crop of ``crop_s`` seconds, ``round(crop_s * sr / hop_length)``, at most the clip's frames."""
+    return max(1, min(round(crop_s * mel_config.sr / mel_config.hop_length), mel_config.n_frames))
+
+
+def standardise(mels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(mels - mean) / std`` per mel band: (N, n_mels, T) dB, (n_mels,), (n_mels,) -> (N, n_mels, T) float32."""
+    return ((mels - mean[:, None]) / std[:, None]).astype(np.float32, copy=False)
+
+
+def _crop_plan(n_true: np.ndarray, crop: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-overlapping crop of each track's audio: (n_crops,) track indices and start frames.
+
+    A track shorter than one crop still gets one crop at frame 0 (its padding fills the rest).
+    """
+    counts = np.maximum(1, np.asarray(n_true) // crop)
+    tracks = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    starts = (np.arange(tracks.size) - first[tracks]) * crop
+    return tracks, np.minimum(starts, total - crop)
+
+
+def gather_crops(data: torch.Tensor, tracks: np.ndarray, starts: np.ndarray, crop: int,
+                  device: torch.device) -> torch.Tensor:
+    """Crops of ``data`` (N, n_mels, T): (len(tracks), 1, n_mels, crop) on ``device`` (channels-last on CUDA)."""
+    index = torch.as_tensor(tracks, device=data.device)[:, None, None]
+    frames = torch.as_tensor(starts, device=data.device)[:, None] + torch.arange(crop, device=data.device)
+    bands = torch.arange(data.shape[1], device=data.device)[None, :, None]
+    x = data[index, bands, frames[:, None, :]].unsqueeze(1)  # (b, 1, n_mels, crop)
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@torch.no_grad()
+def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, n_true: np.ndarray, *,
+                  crop: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Mean of ``fn`` over every non-overlapping crop of each track.
+
+    Parameters
+    ----------
+    fn : (b, 1, n_mels, crop) -> (b, D), e.g. a model's ``forward`` (logits) or ``embed``; call it in eval mode.
+    data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``.
+    n_true : (N,) frames that hold audio per track; crops cover only those.
+    crop, batch_size : crop length in frames, crops per forward pass.
+
+    Returns
+    -------
+    (N, D) float32 on ``device``. On CUDA the forward passes run under bf16 autocast.
+    """
+    tracks, starts = _crop_plan(n_true, crop, data.shape[2])
+    sums = None
+    for begin in range(0, tracks.size, batch_size):
+        x = gather_crops(data, tracks[begin : begin + batch_size], starts[begin : begin + batch_size], crop, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = fn(x).float()  # (b, D)
+        if sums is None:
+            sums = torch.zeros(len(n_true), out.shape[1], device=device)
+        sums.index_add_(0, torch.as_tensor(tracks[begin : begin + batch_size], device=device), out)
+    counts = torch.as_tensor(np.bincount(tracks, minlength=len(n_true)), device=device, dtype=torch.float32)
+    return sums / counts[:, None]
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    required: tuple[str, ...] = ()) -> dict:
+    """``torch.load(path, weights_only=True)`` as a dict holding ``required`` keys, or a one-line MelsearchError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MelsearchError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of arbitrary objects, wrong file type: all mean "corrupt"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MelsearchError(f"{path}: corrupt or unsafe checkpoint ({reason})") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise MelsearchError(f"{path}: not a melsearch checkpoint (missing {', '.join(missing)})")
+    return state
