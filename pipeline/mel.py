@@ -4,8 +4,9 @@ Every setting lives in :class:`MelConfig`, which is stored in each features file
 checkpoints, so features made with other settings are never read by mistake.
 
 The log-mel equals ``librosa.power_to_db(librosa.feature.melspectrogram(y=...))`` to well within
-1e-3 dB (about 1e-5 dB), at two thirds of the cost: the mel filterbank is built once per process and
-applied to cache-sized blocks of the spectrum, skipping most of its zeros.
+1e-3 dB (about 1e-4 dB on real music), at about half of librosa's CPU time: the window and the mel
+filterbank are built once per process, the STFT runs in float32 on cache-sized blocks of frames, and the
+filterbank is applied band group by band group, skipping most of its zeros.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # librosa.power_to_db's defaults, fixed here so a librosa release cannot change our features silently.
 _DB_REF, _DB_AMIN, _DB_TOP = 1.0, 1e-10, 80.0
-# Frames per FFT call: small enough that a block and its spectrum stay in a core's L2 cache.
-_FFT_BLOCK = 64
+# Samples per FFT call (frames x n_fft): 192 KiB of float32 frames, so that a block, its complex spectrum
+# and its power stay in cache; measured fastest for n_fft 2048 (24 frames) and 512 (96 frames).
+_FFT_BLOCK_SAMPLES = 49152
 # Mel bands per matrix product: fewer means fewer zeros multiplied but more calls (16 is fastest for 128).
 _BANDS_PER_GROUP = 16
 
@@ -110,7 +112,8 @@ class MelConfig:
 class _MelPlan:
     """What one configuration needs for every clip, built once per process."""
 
-    window: np.ndarray  # (n_fft,) float64 periodic Hann, as librosa.stft uses
+    window: np.ndarray  # (n_fft,) float32 periodic Hann, as librosa.stft uses (there in float64)
+    block: int  # frames per FFT call
     # The Slaney filterbank (n_mels, 1 + n_fft // 2) float32 is 98% zeros: it is kept as groups of
     # consecutive bands, each with the bins where any of them is non-zero: (first band, first bin, weights).
     groups: tuple[tuple[int, int, np.ndarray], ...]
@@ -128,25 +131,27 @@ def mel_plan(cfg: MelConfig) -> _MelPlan:
         bins = np.flatnonzero(weights.any(axis=0))
         lo, hi = (int(bins[0]), int(bins[-1]) + 1) if bins.size else (0, 0)
         groups.append((first, lo, np.ascontiguousarray(weights[:, lo:hi])))
-    window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True)
-    return _MelPlan(window=window, groups=tuple(groups))
+    window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True).astype(np.float32)
+    block = max(8, _FFT_BLOCK_SAMPLES // cfg.n_fft)
+    return _MelPlan(window=window, block=block, groups=tuple(groups))
 
 
 def _mel_power(samples: np.ndarray, cfg: MelConfig, plan: _MelPlan) -> np.ndarray:
     """Mel power spectrogram ``filters @ |STFT|^2``: (n_mels, 1 + n_samples // hop_length) float32.
 
-    The STFT frames like librosa.stft(center=True, pad_mode="constant"), and runs in float64 because
-    librosa's window is float64 (numpy's FFT is no faster in float32). Going block by block keeps the
-    spectrum in cache, and the grouped filterbank skips most of the zeros of the dense one.
+    ``samples`` is (n_samples,) float32. The STFT frames like librosa.stft(center=True, pad_mode="constant")
+    but stays in float32 (numpy >= 2 has a float32 FFT, twice as fast as librosa's float64 one); the
+    rounding this adds is about 1e-4 dB where it matters, in bands within 80 dB of the peak. Going block
+    by block keeps the spectrum in cache, and the grouped filterbank skips most of the dense one's zeros.
     """
     padded = np.pad(samples, cfg.n_fft // 2)
     frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length]  # (n_frames, n_fft)
     mel = np.empty((cfg.n_mels, frames.shape[0]), dtype=np.float32)
-    for start in range(0, frames.shape[0], _FFT_BLOCK):
-        spectrum = np.fft.rfft(frames[start : start + _FFT_BLOCK] * plan.window, axis=-1)  # (block, n_bins)
-        power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    for start in range(0, frames.shape[0], plan.block):
+        spectrum = np.fft.rfft(frames[start : start + plan.block] * plan.window, axis=-1)  # (block, n_bins) complex64
+        power = spectrum.real**2 + spectrum.imag**2  # float32
         for first, lo, weights in plan.groups:
-            block = mel[first : first + weights.shape[0], start : start + _FFT_BLOCK]
+            block = mel[first : first + weights.shape[0], start : start + plan.block]
             np.matmul(weights, power[:, lo : lo + weights.shape[1]].T, out=block)
     return mel
 

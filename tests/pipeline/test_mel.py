@@ -15,7 +15,7 @@ from mel_reference import SHORT, SR, TOLERANCE_DB, librosa_log_mel, librosa_log_
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_feature_shard
 from pipeline.feature_store import FeatureStore
-from pipeline.mel import MelConfig, extract_log_mel, log_mel_for_file
+from pipeline.mel import PRESETS, MelConfig, extract_log_mel, log_mel_for_file
 
 # --- the log-mel --------------------------------------------------------------------------------------------
 
@@ -42,12 +42,11 @@ def test_frame_count_is_one_plus_samples_over_hop(rng: np.random.Generator, n_sa
 @pytest.mark.parametrize(
     "cfg",
     [
-        MelConfig(),
-        MelConfig.preset("choi"),
+        *(MelConfig.preset(name) for name in sorted(PRESETS)),
         MelConfig(n_mels=64, fmin=30.0, fmax=8000.0),
         MelConfig(n_fft=1024, hop_length=256),
     ],
-    ids=["default", "choi", "band-limited", "small-fft"],
+    ids=[*sorted(PRESETS), "band-limited", "small-fft"],
 )
 @pytest.mark.parametrize("signal", ["noise", "tone-then-silence", "low-sine", "synthetic-clip"])
 def test_matches_librosa_on_synthetic_audio(
@@ -99,7 +98,7 @@ def test_non_finite_samples_are_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("MELSEARCH_REAL_AUDIO"), reason="set MELSEARCH_REAL_AUDIO to a GTZAN folder")
-@pytest.mark.parametrize("preset", ["default", "choi"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))  # every preset, those added later included
 def test_real_clips_match_librosa_through_the_store(tmp_path: Path, preset: str) -> None:
     root = Path(os.environ["MELSEARCH_REAL_AUDIO"])
     paths = sorted(root.glob("*/*.wav"))
