@@ -304,7 +304,8 @@ class MusicSearch:
         ``"merge"`` (the default)
             The original project's recommender: the ``PER_SONG`` (5) nearest neighbours of each song, merged,
             ranked by their best distance to any history song, each song once. More per song when
-            ``top_k`` needs it (``ceil(top_k / songs)``). The default because it keeps a mixed history's
+            ``top_k`` needs it (``ceil(top_k / songs)``, doubled while shared neighbours leave fewer than
+            ``top_k``). The default because it keeps a mixed history's
             several tastes: three blues songs and two metal songs get blues and metal neighbours, where
             a centroid lands between the two and returns songs like neither.
         ``"centroid"``
@@ -346,11 +347,16 @@ class MusicSearch:
                 raise MelsearchError(f"the history's songs cancel out (mean vector ~0): use rule 'merge' for {seeds}")
             return self._search(mean / norm, top_k, exact=exact, is_query=in_history)
         per_song = max(PER_SONG, -(-top_k // len(seeds)))
-        best: dict[str, dict] = {}
-        for track in seeds:
-            for hit in self._search(self._vector_of(track), per_song, exact=exact, is_query=in_history):
-                if hit["track_id"] not in best or hit["distance"] < best[hit["track_id"]]["distance"]:
-                    best[hit["track_id"]] = hit
+        while True:
+            best: dict[str, dict] = {}
+            for track in seeds:
+                for hit in self._search(self._vector_of(track), per_song, exact=exact, is_query=in_history):
+                    if hit["track_id"] not in best or hit["distance"] < best[hit["track_id"]]["distance"]:
+                        best[hit["track_id"]] = hit
+            # songs near several seeds come once: widen until top_k remain (or the index is exhausted)
+            if len(best) >= top_k or per_song >= len(self):
+                break
+            per_song *= 2
         merged = sorted(best.values(), key=lambda hit: (hit["distance"], hit["track_id"]))[:top_k]
         return [{**hit, "rank": rank} for rank, hit in enumerate(merged, start=1)]
 
