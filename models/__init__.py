@@ -1,17 +1,21 @@
-"""Network definitions, one per file, and the name -> class registry."""
+"""Network definitions, one per file, the name -> class registry, and the pretrained networks' loaders."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from models.cifar10 import Cifar10Net
+from models.musicnn import load_pretrained_musicnn
 from models.resnet_v2 import ResNetV2
 from pipeline.errors import MelsearchError
 
 MODELS: dict[str, type[nn.Module]] = {"cifar10": Cifar10Net, "resnet_v2": ResNetV2}
 MODEL_NAMES = tuple(MODELS)
+# Networks with published weights, not trained by the pipeline: name -> loader of the module in eval mode
+PRETRAINED: dict[str, Callable[..., nn.Module]] = {"musicnn": load_pretrained_musicnn}
 
 
 def build_model(name: str, *, n_classes: int, n_mels: int, **kwargs: Any) -> nn.Module:
