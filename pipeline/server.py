@@ -1,0 +1,412 @@
+"""A small web app over :class:`pipeline.query.MusicSearch`: search by song or upload, listen, get recommendations.
+
+``melsearch serve --workdir data/work`` (or ``python -m pipeline.server``) starts it on http://127.0.0.1:8000/.
+Endpoints (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status, never a traceback)::
+
+    GET  /                               the page (pipeline/static/index.html)
+    GET  /api/query?track=ID&k=N         neighbours of an indexed song, never the song itself
+    POST /api/query?k=N                  neighbours of an uploaded audio file (multipart field "file")
+    GET  /api/recommend?history=A,B&k=N  what to play after a history (oldest first; &rule=merge|centroid)
+    GET  /api/tracks?q=TEXT              indexed songs whose id or file name holds TEXT (for the search box)
+    GET  /api/model                      the index's figures (meta.json) and the model's metrics.json
+    GET  /figures/NAME                   embedding_map.png of the index, curves.png and confusion.png of the model
+    GET  /audio?track=ID                 the song's audio file, with HTTP Range (the player seeks)
+
+Results are ``[{"rank", "track_id", "label", "distance"}]``. ``/audio`` serves only files that the index's id
+table names, found by track id; nothing of the request becomes a path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import soundfile as sf
+import uvicorn
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.audio import is_audio_path
+from pipeline.errors import MelsearchError
+from pipeline.index import MAP_FILE
+from pipeline.query import RECOMMEND_RULES, MusicSearch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+MAX_UPLOAD_MB = 50.0
+MAX_K = 100
+MAX_SUGGESTIONS = 50
+STATIC_DIR = Path(__file__).parent / "static"
+
+# What browsers call each format; Chromium and Firefox play none of .au/.snd/.aif(f), so those are sent as WAV
+MEDIA_TYPES = {
+    ".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg", ".oga": "audio/ogg",
+    ".opus": "audio/ogg", ".m4a": "audio/mp4", ".au": "audio/basic", ".snd": "audio/basic", ".aif": "audio/aiff",
+    ".aiff": "audio/aiff",
+}
+TRANSCODE_TO_WAV = {".au", ".snd", ".aif", ".aiff"}
+# the model's images shown on the page: name -> where it lies ("index" or "model" folder)
+FIGURES = {MAP_FILE: "index", "confusion.png": "model", "curves.png": "model"}
+
+
+class HTTPError(HTTPException):
+    """An answer with a status and a one-line message (sent as ``{"error": message}``)."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status)
+
+
+class UploadLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 JSON, before or while it is received.
+
+    Starlette's multipart parser spools files of any size to disk and FastAPI turns errors in it into a
+    generic 400, so the body is counted here, in front of both.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            await self.app(scope, receive, send)
+            return
+        too_big = _error(413, f"upload over the limit of {self.max_bytes / 2**20:g} MB")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await too_big(scope, receive, send)
+            return
+        received, exceeded, answered = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise HTTPError(413, "upload over the limit")
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal answered
+            if exceeded:  # whatever the app made of the cut body, the answer is 413
+                if not answered:
+                    answered = True
+                    await too_big(scope, receive, send)
+                return
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not answered:
+            await too_big(scope, receive, send)
+
+
+class _AudioFiles:
+    """Track id -> audio file of the index, with a cache of WAV copies for formats browsers do not play."""
+
+    def __init__(self, tracks: Sequence[dict]) -> None:
+        self.by_id = {row["track_id"]: row for row in tracks}
+        self._item_of = {track: item for item, track in enumerate(self.by_id)}
+        self._cache = tempfile.TemporaryDirectory(prefix="melsearch-audio-")  # removed with the app
+        self._lock = threading.Lock()
+
+    def path_of(self, track: str | None) -> tuple[Path, str]:
+        """(file, media type) of a track id; HTTPError 400 for a malformed id, 404 for any other."""
+        if not track:
+            raise HTTPError(400, "give the track id: /audio?track=ID")
+        if not _looks_like_track_id(track):
+            raise HTTPError(400, "not a track id")
+        row = self.by_id.get(track)
+        if row is None:
+            raise HTTPError(404, "unknown track id")
+        path = Path(row["path"])
+        # the id table is trusted to name audio files; anything else it might say is still not served
+        if not is_audio_path(path) or not path.is_file():
+            raise HTTPError(404, f"the audio of {track} is no longer where the index says")
+        suffix = path.suffix.lower()
+        if suffix in TRANSCODE_TO_WAV:
+            wav = self._as_wav(path, track)
+            if wav is not None:
+                return wav, "audio/wav"
+        return path, MEDIA_TYPES.get(suffix, "application/octet-stream")
+
+    def _as_wav(self, path: Path, track: str) -> Path | None:
+        """A 16-bit WAV copy of ``path`` in the cache (made once); None when soundfile cannot read it."""
+        out = Path(self._cache.name) / f"{self._item_of[track]}.wav"
+        with self._lock:
+            if not out.is_file():
+                try:
+                    samples, sr = sf.read(path, always_2d=True)
+                    partial = out.with_suffix(".part")
+                    sf.write(partial, samples, sr, format="WAV", subtype="PCM_16")
+                    partial.replace(out)
+                except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+                    log.warning("%s: sent as it is, not as WAV (%s)", path, exc)
+                    return None
+        return out
+
+
+def _looks_like_track_id(track: str) -> bool:
+    """False for what only a path could be: NUL, absolute or drive paths, backslashes, ``..`` parts, over-long."""
+    if len(track) > 1024 or "\x00" in track or "\\" in track or track.startswith("/"):
+        return False
+    if re.match(r"^[A-Za-z]:", track) or re.match(r"^[a-z][a-z0-9+.-]*://", track, re.IGNORECASE):
+        return False
+    return ".." not in PurePosixPath(track).parts
+
+
+def _results(hits: list[dict]) -> list[dict]:
+    """The public fields of query results (the server's file paths stay on the server)."""
+    return [{key: hit[key] for key in ("rank", "track_id", "label", "distance")} for hit in hits]
+
+
+def _read_metrics(search: MusicSearch) -> dict | None:
+    """The model's metrics.json without its bulky per-class tables, or None when the model folder lacks it."""
+    import json
+
+    path = search.model_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: value for key, value in metrics.items() if key != "test"} if isinstance(metrics, dict) else None
+
+
+def create_app(
+    search: MusicSearch,
+    *,
+    top_k: int = 10,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+) -> FastAPI:
+    """The web app over ``search`` (no socket: serve it with uvicorn, or test it with FastAPI's TestClient).
+
+    Parameters
+    ----------
+    search : the loaded index; file uploads load its model on first use.
+    top_k : results when a request gives no ``k``.
+    max_upload_mb : largest request body accepted (an upload's multipart body), in MiB; larger gets 413.
+    """
+    app = FastAPI(title="melsearch", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
+    files = _AudioFiles(search.tracks())
+    ids = list(files.by_id)
+    # one query at a time on the model: torch already uses every core, and the first upload loads it
+    model_lock = threading.Lock()
+    default_k = max(1, min(top_k, MAX_K))
+    k_param = Query(default_k, ge=1, le=MAX_K, description="results")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(MelsearchError)
+    async def melsearch_error(_request: Request, exc: MelsearchError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/api/query")
+    def query_track(track: str | None = None, k: int = k_param) -> list[dict]:
+        if not track:
+            raise HTTPError(400, "give a track id (?track=ID) or POST an audio file")
+        if track not in files.by_id:
+            raise HTTPError(404, f"{track}: unknown track id")
+        return _results(search.query_track(track, top_k=k))
+
+    @app.post("/api/query")
+    def query_upload(file: UploadFile | None = File(None), k: int = k_param) -> list[dict]:  # noqa: B008
+        if file is None:
+            raise HTTPError(400, "no file: send the audio as multipart field 'file'")
+        name = Path(file.filename or "upload").name
+        # keep an audio suffix (some decoders go by it); nothing else of the client's name reaches the disk
+        suffix = Path(name).suffix.lower() if is_audio_path(name) else ".bin"
+        with tempfile.TemporaryDirectory(prefix="melsearch-upload-") as tmp:
+            path = Path(tmp) / f"upload{suffix}"
+            with path.open("wb") as out:
+                shutil.copyfileobj(file.file, out, length=2**20)
+            if path.stat().st_size == 0:
+                raise HTTPError(400, f"{name}: empty file")
+            try:
+                with model_lock:
+                    hits = search.query_file(path, top_k=k)
+            except MelsearchError as exc:
+                # the message names the temporary file: say the client's name instead
+                raise HTTPError(400, f"{name}: {str(exc).replace(str(path), '').lstrip(': ')}") from exc
+        log.info("upload %s (%d bytes): %d results", name, file.size or 0, len(hits))
+        return _results(hits)
+
+    @app.get("/api/recommend")
+    def recommend(history: str = "", k: int = k_param, rule: str = "merge") -> list[dict]:
+        songs = [track.strip() for track in history.split(",") if track.strip()]
+        if not songs:
+            raise HTTPError(400, "give a listening history: ?history=ID1,ID2,... (oldest first)")
+        if rule not in RECOMMEND_RULES:
+            raise HTTPError(400, f"rule: one of {', '.join(RECOMMEND_RULES)}")
+        unknown = [track for track in songs if track not in files.by_id]
+        if unknown:
+            raise HTTPError(404, f"{', '.join(unknown[:3])}: unknown track id")
+        return _results(search.recommend(songs, top_k=k, rule=rule))
+
+    @app.get("/api/tracks")
+    def tracks(q: str = "", limit: int = Query(20, ge=1, le=MAX_SUGGESTIONS)) -> list[dict]:  # noqa: B008
+        text = q.strip().lower()
+        first, then = [], []
+        for track in ids:
+            row = files.by_id[track]
+            name = Path(row["path"]).name.lower()
+            if text in track.lower() or text in name:
+                # ids and file names that start with the text come first, then the index's order
+                (first if track.lower().startswith(text) or name.startswith(text) else then).append(row)
+        return [{"track_id": row["track_id"], "label": row["label"]} for row in (first + then)[:limit]]
+
+    @app.get("/api/model")
+    def model() -> dict[str, Any]:
+        meta = search.meta
+        folders = {"index": search.index_dir, "model": search.model_dir}
+        return {
+            "index": {key: meta.get(key) for key in ("model", "model_key", "dim", "count", "n_trees", "metric")},
+            "tracks": len(ids),
+            "figures": meta.get("figures", {}),
+            "metrics": _read_metrics(search),
+            "images": [name for name, where in FIGURES.items() if (folders[where] / name).is_file()],
+            "rules": list(RECOMMEND_RULES),
+            "top_k": default_k,
+            "max_upload_mb": max_upload_mb,
+        }
+
+    @app.get("/figures/{name}")
+    def figure(name: str) -> FileResponse:
+        where = FIGURES.get(name)
+        path = (search.index_dir if where == "index" else search.model_dir) / name if where else None
+        if path is None or not path.is_file():
+            raise HTTPError(404, f"no figure {name!r}")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/audio")
+    def audio(track: str | None = None) -> Response:
+        path, media_type = files.path_of(track)
+        return FileResponse(path, media_type=media_type)  # answers Range with 206 (Starlette >= 0.39)
+
+    return app
+
+
+def serve(
+    index_dir: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    top_k: int = 10,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    model_dir: str | Path | None = None,
+    device: str = "cpu",
+    log_level: str = "info",
+) -> None:
+    """Serve the page and API of the index in ``index_dir`` on ``host:port`` until interrupted.
+
+    Loopback only unless ``host`` says otherwise (``0.0.0.0``: every interface, with a warning): the app
+    has no accounts and plays the whole collection to whoever reaches it.
+    """
+    search = MusicSearch.load(index_dir, model_dir=model_dir, device=device)
+    try:
+        search.classifier  # noqa: B018 (load the model now, so the first upload does not wait for it)
+    except MelsearchError as exc:
+        log.warning("uploads will fail: %s", exc)
+    app = create_app(search, top_k=top_k, max_upload_mb=max_upload_mb)
+    if not _is_loopback(host):
+        log.warning("listening on %s: anyone who can reach this machine can search and play the collection", host)
+    log.info("serving %s (%d songs) on http://%s:%d/", search.index_dir, len(search), host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _find_index_dir(workdir: Path, model: str | None) -> Path:
+    """The index folder of a work directory that the query helper would pick (``find_index_dir``)."""
+    try:
+        from pipeline.workdir import find_index_dir  # imported here: it may move to another module
+    except ImportError:  # moved: MusicSearch.load knows how to find the index of a work directory
+        return MusicSearch.load(workdir, model=model).index_dir
+    return find_index_dir(workdir, model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="melsearch serve", description="A web page to search the index, listen and get recommendations."
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
+    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--model-dir", help="embed uploads with this model folder (default: the one that built it)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results per query (default: 10)")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, metavar="MB",
+                        help=f"largest upload accepted (default: {MAX_UPLOAD_MB:g})")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``melsearch serve`` (and ``python -m pipeline.server``): serve until Ctrl-C; 1 with one line on errors."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.port <= 65535 or args.top_k < 1 or args.max_upload_mb <= 0:
+        print("melsearch: --port must be 0-65535, --top-k and --max-upload-mb positive", file=sys.stderr)
+        return 1
+    try:
+        if args.index_dir:
+            index_dir = Path(args.index_dir).expanduser()
+        else:
+            index_dir = _find_index_dir(Path(args.workdir).expanduser(), args.model)
+        serve(index_dir, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
+              model_dir=args.model_dir, device=args.device, log_level="debug" if args.verbose > 1 else "info")
+    except MelsearchError as exc:
+        print(f"melsearch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
