@@ -1,38 +1,89 @@
-"""An ordered process map: ``fn`` over items in worker processes, results in input order, memory bounded.
+"""One process pool per process, shared by every task run in it: started once, one worker per core.
 
-Workers ignore Ctrl-C (the parent handles it), keep freed memory for reuse, and exit when their parent dies.
+A stage made of many Luigi tasks (the feature shards) runs them one after another in one process; starting
+a pool per task would pay the workers' start-up and warm-up every time, so :func:`shared_pool` keeps one
+alive until :func:`shutdown_shared_pool` (or the interpreter's exit). Its workers:
+
+- run one BLAS/OpenMP thread each (the pool already has a process per core; more threads only compete);
+- come from a ``forkserver`` that imported the ``preload`` modules once, so a worker starts in milliseconds
+  without inheriting the parent's threads, open HDF5 files or locks (``fork`` would, and Python 3.12
+  warns about forking a threaded process);
+- ignore Ctrl-C (the parent handles it), keep freed memory for reuse, and exit when their parent dies.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import ctypes
-import itertools
+import logging
+import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, TypeVar
 
-R = TypeVar("R")
+from threadpoolctl import threadpool_limits
 
-# Results a pool may hold beyond those being written, per worker: keeps workers busy, bounds memory.
-_IN_FLIGHT_PER_WORKER = 2
+log = logging.getLogger(__name__)
+
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
+_pool: ProcessPoolExecutor | None = None
+_pool_key: tuple[int, int, str] | None = None  # (owner pid, workers, start method)
 
-def _init_worker(parent_pid: int, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
-    """Pool initializer: leave Ctrl-C to the parent, exit if the parent dies, then the caller's set-up."""
+
+def _start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def shared_pool(workers: int, *, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` processes, started on the first call and reused by later ones.
+
+    A call with another ``workers``, or after a worker died (the pool is then broken), replaces the pool.
+    ``preload``: modules the forkserver imports once for every worker (effective before it first starts).
+    """
+    global _pool, _pool_key
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    method = _start_method()
+    key = (os.getpid(), workers, method)
+    if _pool is not None and (_pool_key != key or getattr(_pool, "_broken", False)):
+        shutdown_shared_pool()
+    if _pool is None:
+        context = multiprocessing.get_context(method)
+        if method == "forkserver" and preload:
+            context.set_forkserver_preload(list(preload))
+        started = time.perf_counter()
+        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+        _pool_key = key
+        log.debug("process pool: %d %s workers (%.2f s)", workers, method, time.perf_counter() - started)
+    return _pool
+
+
+def shutdown_shared_pool() -> None:
+    """Stop this process's shared pool, if any (waiting for running work); the next call starts a new one."""
+    global _pool, _pool_key
+    pool, owner = _pool, _pool_key
+    _pool = _pool_key = None
+    # A forked child inherits the parent's pool object but not its processes: not its to stop.
+    if pool is not None and owner is not None and owner[0] == os.getpid():
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_shared_pool)
+
+
+def _init_worker() -> None:
+    """Pool initializer: one BLAS thread, leave Ctrl-C to the parent, reuse freed memory, die with the parent."""
+    threadpool_limits(limits=1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_memory()
-    # A SIGKILLed parent cannot stop its pool, and an idle worker would wait on its queue forever.
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    if initializer is not None:
-        initializer(*initargs)
+    # A SIGKILLed parent cannot stop its pool, and an idle worker would wait on its queue forever. Our parent
+    # is the forkserver (which exits with the pool's owner) or the owner itself.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def _keep_freed_memory() -> None:
@@ -54,39 +105,3 @@ def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(1)
-
-@contextlib.contextmanager
-def ordered_process_map(
-    fn: Callable[..., R],
-    items: Iterable[Any],
-    *args: Any,
-    workers: int,
-    initializer: Callable[..., Any] | None = None,
-    initargs: tuple = (),
-) -> Iterator[Iterator[R]]:
-    """Yield an iterator of ``fn(item, *args)`` over ``items``, in order, computed by ``workers`` processes.
-
-    The pool starts (forks) on entry, before the caller opens files or starts threads. At most
-    ``_IN_FLIGHT_PER_WORKER * workers`` results wait in memory at any time. ``workers == 1`` runs ``fn`` in
-    this process (no pool, no initializer). A worker that dies raises ``BrokenProcessPool`` from the iterator.
-    """
-    if workers == 1:
-        yield (fn(item, *args) for item in items)
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                               initargs=(os.getpid(), initializer, initargs))
-    try:
-        todo = iter(items)
-        first = itertools.islice(todo, _IN_FLIGHT_PER_WORKER * workers)
-        pending = deque(pool.submit(fn, item, *args) for item in first)
-
-        def in_order() -> Iterator[R]:
-            while pending:
-                result = pending.popleft().result()
-                for item in itertools.islice(todo, 1):
-                    pending.append(pool.submit(fn, item, *args))
-                yield result
-
-        yield in_order()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

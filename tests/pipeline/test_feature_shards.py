@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import h5py
@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 from mel_reference import SHORT, SR
 
-from pipeline import feature_shards
+from pipeline import parallel
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import merge_feature_shards, shard_tracks, write_feature_shard
 from pipeline.feature_store import FeatureStore
 from pipeline.mel import MelConfig, log_mel_for_file
-
-# --- shards, merge and the store ----------------------------------------------------------------------------
-
 
 # --- shards, merge and the store ----------------------------------------------------------------------------
 
@@ -41,13 +38,18 @@ def test_shard_tracks_keeps_ok_rows_sorted_and_cut() -> None:
 def test_write_merge_and_read_roundtrip_float32(tmp_path: Path, clips: list[tuple[str, str]]) -> None:
     calls = []
     first = write_feature_shard(
-        clips[:4], tmp_path / "feat" / "s0.h5", SHORT, workers=1, progress=lambda *a: calls.append(a)
+        clips[:4], tmp_path / "feat" / "s0.h5", SHORT, workers=1, progress=lambda *a: calls.append(a), part_size=3
     )
-    second = write_feature_shard(clips[4:], tmp_path / "feat" / "s1.h5", SHORT, workers=1)
+    second = write_feature_shard(clips[4:], tmp_path / "feat" / "s1.h5", SHORT, workers=2, part_size=1)
     assert (first, second) == ({"written": 4, "failed": []}, {"written": len(clips) - 4, "failed": []})
-    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert calls == [(3, 4), (4, 4)]  # after each part
+    parts = sorted(p.name for p in (tmp_path / "feat" / "s0.h5.parts").iterdir())
+    assert parts == ["part-00000.h5", "part-00001.h5"]
+    with h5py.File(tmp_path / "feat" / "s0.h5.parts" / parts[0]) as h5:
+        assert h5["mel"].shape == (3, SHORT.n_mels, SHORT.n_frames)
+        assert h5["mel"].chunks == (1, SHORT.n_mels, SHORT.n_frames)  # one track per chunk
     with h5py.File(tmp_path / "feat" / "s0.h5") as h5:
-        assert h5["mel"].chunks == (1, SHORT.n_mels, SHORT.n_frames)
+        assert h5["mel"].is_virtual and h5["mel"].shape == (4, SHORT.n_mels, SHORT.n_frames)
         assert h5["mel"].dtype == np.float32 and h5["n_frames"].dtype == np.int32
         assert json.loads(h5.attrs["mel_config"]) == SHORT.to_dict()
         assert {"librosa", "numpy", "soundfile", "soxr", "h5py", "melsearch"} <= set(json.loads(h5.attrs["versions"]))
@@ -93,17 +95,25 @@ def test_undecodable_track_is_reported_and_shard_still_written(tmp_path: Path, c
     with FeatureStore.open(tmp_path / "shard.h5") as store:
         assert store.track_ids == [clips[0][0], clips[1][0]]
         assert store.read([0, 1]).shape[0] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.wav", "shard.h5"]  # no temporary left behind
+    # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.wav", "shard.h5", "shard.h5.parts"]
 
 
-def test_process_pool_writes_the_same_bytes(tmp_path: Path, clips: list[tuple[str, str]]) -> None:
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_bytes_on_rerun_and_whatever_the_worker_count(tmp_path: Path, clips: list[tuple[str, str]]) -> None:
     cfg = MelConfig(duration_s=3.0)
-    write_feature_shard(clips, tmp_path / "one.h5", cfg, workers=1)
-    write_feature_shard(clips, tmp_path / "two.h5", cfg, workers=2)
-    with h5py.File(tmp_path / "one.h5") as one, h5py.File(tmp_path / "two.h5") as two:
-        assert one["mel"][...].tobytes() == two["mel"][...].tobytes()
-        assert one["track_id"].asstr()[...].tolist() == two["track_id"].asstr()[...].tolist()
-        assert one["n_frames"][...].tobytes() == two["n_frames"][...].tobytes()
+    for run, workers in (("one", 1), ("two", 2), ("again", 2)):
+        write_feature_shard(clips, tmp_path / run / "shard.h5", cfg, workers=workers, part_size=2)
+    one = _file_bytes(tmp_path / "one")
+    assert len(one) == 1 + 4  # the shard and its four parts
+    assert _file_bytes(tmp_path / "two") == one
+    assert _file_bytes(tmp_path / "again") == one
+    write_feature_shard(clips[:3], tmp_path / "one" / "shard.h5", cfg, part_size=2)  # rewriting drops stale parts
+    assert sorted(_file_bytes(tmp_path / "one")) == ["shard.h5", "shard.h5.parts/part-00000.h5",
+                                                     "shard.h5.parts/part-00001.h5"]
 
 
 def test_empty_shard_merges(tmp_path: Path, clips: list[tuple[str, str]]) -> None:
@@ -144,25 +154,26 @@ def test_store_errors_name_the_file(tmp_path: Path, clips: list[tuple[str, str]]
             store.index_of(["nope"])
         with pytest.raises(MelsearchError, match="out of range"):
             store.read([2])
-    (tmp_path / "s.h5").unlink()  # a virtual dataset would read zeros: the store must refuse
-    with pytest.raises(MelsearchError, match="all.h5: its shard s.h5 is missing"):
+    with h5py.File(tmp_path / "all.h5") as h5:  # the merged file maps the shard's parts directly
+        assert [source.file_name for source in h5["mel"].virtual_sources()] == ["s.h5.parts/part-00000.h5"]
+    shutil.rmtree(tmp_path / "s.h5.parts")  # a virtual dataset would read zeros: the store must refuse
+    with pytest.raises(MelsearchError, match="all.h5: its shard s.h5.parts/part-00000.h5 is missing"):
         FeatureStore.open(tmp_path / "all.h5")
 
 
-_extract_track = feature_shards._extract_track
+def test_a_dying_worker_fails_the_shard_naming_it(tmp_path: Path, clips: list[tuple[str, str]]) -> None:
+    stuck = tmp_path / "audio" / "stuck.wav"
+    stuck.parent.mkdir()
+    os.mkfifo(stuck)  # opening it blocks until a writer comes: a worker busy for as long as the test needs
+    tracks = [clips[0], ("stuck", str(stuck)), *clips[1:]]
 
+    def kill_the_workers(done: int, total: int) -> None:  # what the OOM killer does, once a part is written
+        for pid in list(parallel._pool._processes):
+            os.kill(pid, signal.SIGKILL)
 
-def _die_on_second_clip(path: str, cfg: MelConfig) -> tuple[np.ndarray, int] | str:
-    if path.endswith(".00001.wav"):
-        os._exit(1)  # what the OOM killer does to a worker
-    return _extract_track(path, cfg)
-
-
-@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches forked workers only")
-def test_a_dying_worker_fails_the_shard_naming_it(
-    tmp_path: Path, clips: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(feature_shards, "_extract_track", _die_on_second_clip)  # the forked workers inherit the patch
+    out = tmp_path / "out"
     with pytest.raises(MelsearchError, match=r"shard\.h5: a feature worker process died"):
-        write_feature_shard(clips, tmp_path / "shard.h5", SHORT, workers=2)
-    assert list(tmp_path.iterdir()) == []
+        write_feature_shard(tracks, out / "shard.h5", SHORT, workers=2, part_size=1, progress=kill_the_workers)
+    assert list(out.iterdir()) == []
+    # the next shard gets a fresh pool
+    assert write_feature_shard(clips[:2], out / "next.h5", SHORT, workers=2, part_size=1)["written"] == 2
