@@ -7,6 +7,7 @@ import luigi
 from pipeline.feature_shards import merge_feature_shards, shard_tracks, write_feature_shard
 from pipeline.io import params_key
 from pipeline.manifest import read_manifest
+from pipeline.parallel import shutdown_shared_pool
 from pipeline.mel import MelConfig
 from tasks.base import StageTask
 from tasks.config import features
@@ -59,4 +60,5 @@ class Features(FeaturesBase):
         # the shard count is known only once the manifest exists: dynamic dependencies
         shard_tasks = [self.clone(FeatureShard, shard=i) for i in range(len(self.shards()))]
         yield shard_tasks
+        shutdown_shared_pool()  # every shard is written: free the workers' memory for the stages after
         merge_feature_shards([t.output().path for t in shard_tasks], self.output().path)
