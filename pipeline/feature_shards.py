@@ -274,7 +274,7 @@ def merge_feature_shards(shard_paths: Sequence[str | os.PathLike], out_path: str
         h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
         h5.attrs["versions"] = versions
         h5.attrs["shards"] = json.dumps(shard_names)
-    log.info("%s: %d tracks from %d shards", out_path, len(track_ids), len(sources))
+    log.info("%s: %d tracks from %d shards", out_path, len(track_ids), len(shard_names))
     return {"tracks": len(track_ids)}
 
 

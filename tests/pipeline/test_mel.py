@@ -15,7 +15,15 @@ from mel_reference import SHORT, SR, TOLERANCE_DB, librosa_log_mel, librosa_log_
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_feature_shard
 from pipeline.feature_store import FeatureStore
-from pipeline.mel import PRESETS, MelConfig, extract_log_mel, log_mel_for_file
+from pipeline.mel import (
+    PRESETS,
+    MelConfig,
+    _power_to_db,
+    extract_log_mel,
+    log_mel_for_file,
+    mel_plan,
+    slaney_mel_filters,
+)
 
 # --- the log-mel --------------------------------------------------------------------------------------------
 
@@ -63,6 +71,23 @@ def test_matches_librosa_on_synthetic_audio(
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE_DB)
     assert ours.max() - ours.min() > 10  # a real spectrogram, not a flat floor
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [*(MelConfig.preset(name) for name in sorted(PRESETS)), MelConfig(n_mels=64, fmin=30.0, fmax=8000.0),
+     MelConfig(sr=16000, n_fft=1024, hop_length=256, n_mels=40, fmin=500.0)],
+    ids=[*sorted(PRESETS), "band-limited", "16k"],
+)
+def test_filterbank_window_and_db_are_librosas_bit_for_bit(rng: np.random.Generator, cfg: MelConfig) -> None:
+    reference = librosa.filters.mel(
+        sr=cfg.sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, dtype=np.float32
+    )
+    np.testing.assert_array_equal(slaney_mel_filters(cfg), reference)
+    window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True).astype(np.float32)
+    np.testing.assert_array_equal(mel_plan(cfg).window, window)
+    power = rng.random((cfg.n_mels, 50), dtype=np.float32) ** 12  # down to far below the 80 dB floor
+    np.testing.assert_array_equal(_power_to_db(power), librosa.power_to_db(power))
 
 
 def test_log_mel_for_file_pads_short_clips_and_counts_true_frames(clips: list[tuple[str, str]]) -> None:
