@@ -9,9 +9,9 @@ import os
 import sys
 
 from pipeline.errors import MelsearchError
+from pipeline.layout import STAGES
 
 log = logging.getLogger("pipeline")
-STAGES = ("dataset", "features", "train", "embeddings", "index")
 HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "epochs_run", "best_epoch", "test_accuracy", "test_macro_f1",
                     "count", "recall_at_10", "genre_precision_at_10")
 
@@ -31,26 +31,15 @@ def _configure_logging(verbose: int) -> None:
     logging.getLogger("luigi-interface").addFilter(_OneLineMelsearchErrors())
 
 
-def _luigi_config(args: argparse.Namespace) -> None:
-    """Load luigi.cfg and apply the command line's settings (tasks/ owns everything Luigi)."""
-    from tasks.config import configure
+def _configure_stages(args: argparse.Namespace) -> list[str]:
+    """Apply the command line's stage settings (tasks/ owns the mapping to Luigi) and return the model names."""
+    from tasks.config import configure, model_names, settings_from_flags
 
-    overrides = {
-        ("dataset", "split"): args.split,
-        ("dataset", "gtzan_urls"): json.dumps(args.gtzan_url) if args.gtzan_url else None,
-        ("dataset", "gtzan_sha256"): json.dumps(args.gtzan_sha256) if args.gtzan_sha256 else None,
-        ("dataset", "gtzan_md5"): "[]" if args.gtzan_sha256 else None,
-        ("features", "preset"): args.preset,
-        ("train", "epochs"): args.epochs,
-        ("train", "device"): args.device,
-    }
-    for item in args.set or []:
-        name, sep, value = item.partition("=")
-        section, dot, option = name.partition(".")
-        if not (sep and dot and section and option):
-            raise MelsearchError(f"--set {item!r}: expected SECTION.OPTION=VALUE, e.g. features.n_mels=96")
-        overrides[(section, option)] = value
-    configure({key: str(value) for key, value in overrides.items() if value is not None})
+    flags = {name: getattr(args, name) for name in ("split", "preset", "epochs", "device", "model", "gtzan_url",
+                                                    "gtzan_sha256")}
+    overrides = settings_from_flags(flags, args.set or [], args.stage_settings)
+    configure(overrides)
+    return model_names()
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
@@ -70,21 +59,15 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",
-                        help="any luigi.cfg stage setting, e.g. --set features.n_mels=96 (repeatable)")
-
-
-def _models(args: argparse.Namespace) -> list[str]:
-    from tasks.config import train
-    from tasks.pipeline import model_names
-
-    return model_names(args.model or train().model)
+                        help="any stage setting, e.g. --set features.n_mels=96 (repeatable); also written "
+                             "--features-n-mels 96. Sections: dataset, features, train, index (see README)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _luigi_config(args)
+    models = _configure_stages(args)
     from tasks.pipeline import pipeline_status, run_pipeline
 
-    source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "models": _models(args)}
+    source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "models": models}
     run_pipeline(stage=args.stage, rerun=args.rerun, workers=args.workers, scheduler_url=args.scheduler_url, **source)
     _print_status(pipeline_status(**source), STAGES[: STAGES.index(args.stage) + 1])
     return 0
@@ -94,17 +77,17 @@ def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
     """One line per output: stage, done or missing, path, and the headline figures."""
     for stage in stages:
         for entry in status[stage]["outputs"]:
-            figures = {**entry.get("figures", {}), **entry.get("figures", {}).get("figures", {})}
+            figures = entry.get("figures", {})
             brief = ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()
                               if k in HEADLINE_FIGURES)
             print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _luigi_config(args)
+    models = _configure_stages(args)
     from tasks.pipeline import pipeline_status
 
-    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive, models=_models(args))
+    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive, models=models)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -123,9 +106,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _classifier(args: argparse.Namespace):
     from pipeline.classifier import GenreClassifier
-    from pipeline.workdir import find_model_dir
+    from pipeline.layout import WorkDir
 
-    return GenreClassifier.load(args.model_dir or find_model_dir(args.workdir, args.model), device=args.device)
+    if args.model_dir:
+        return GenreClassifier.load(args.model_dir, device=args.device)
+    model_dir, why = WorkDir(args.workdir).choose("train", args.model)
+    classifier = GenreClassifier.load(model_dir, device=args.device)
+    print(f"melsearch: model {model_dir} ({why})", file=sys.stderr)  # stdout stays the results
+    return classifier
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -201,14 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("file", metavar="FILE")
             command.add_argument("--out", help="write the vector to this .npy file")
         command.add_argument("--workdir", default="data/work")
-        command.add_argument("--model", default=None, help="which trained model (default: the newest)")
-        command.add_argument("--model-dir", default=None, help="an explicit models/<model>-<key> folder")
+        command.add_argument("--model", default=None,
+                             help="which trained model (default: the latest run's, else the newest)")
+        command.add_argument("--model-dir", default=None, help="an explicit train/<model>-<key> folder")
         command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         command.add_argument("--json", action="store_true")
         command.set_defaults(func=func)
 
-    # listed for --help only: main() hands `query ...` to the query helper's own parser
+    # listed for --help only: main() hands these to their modules' own parsers
     commands.add_parser("query", help="songs that sound like FILE or --track ID (python -m pipeline.query --help)")
+    commands.add_parser("recommend", help="songs to play after a listening history (--history ID,ID,...)")
+    commands.add_parser("serve", help="a web page to search and listen, on 127.0.0.1 (melsearch serve --help)")
 
     scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1", parents=[common])
     scheduler.add_argument("action", choices=["start", "stop", "status"])
@@ -224,7 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.query import main as query_main
 
         return query_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["recommend"]:
+        from pipeline.query import recommend_main
+
+        return recommend_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from pipeline.server import main as serve_main
+
+        return serve_main(argv[1:])
+    parser = build_parser()
+    args, args.stage_settings = parser.parse_known_args(argv)
+    if args.stage_settings and args.func not in (cmd_run, cmd_status):
+        parser.error(f"unrecognized arguments: {' '.join(args.stage_settings)}")
     _configure_logging(args.verbose)
     try:
         return args.func(args)

@@ -119,3 +119,18 @@ class FeatureStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def feature_figures(path: str | os.PathLike) -> dict:
+    """Headline figures of a merged features file: ``tracks``, ``shards``, ``failed`` and ``failed_tracks``.
+
+    ``failed_tracks`` are the shards' records of tracks left out (``{"track_id", "path", "reason"}``).
+    """
+    path = Path(path)
+    with open_features_h5(path) as h5:
+        tracks, shards = len(h5["track_id"]), json.loads(h5.attrs.get("shards", "[]"))
+    failed = []
+    for shard in shards:
+        with open_features_h5(path.parent / shard) as h5:
+            failed.extend(json.loads(h5.attrs.get("failed", "[]")))
+    return {"tracks": tracks, "shards": len(shards), "failed": len(failed), "failed_tracks": failed}

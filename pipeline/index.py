@@ -10,8 +10,9 @@
 
 Vectors are unit-norm, so Annoy's angular distance ``sqrt(2 - 2 cos)`` equals their Euclidean distance
 and the exact search here is a matrix product. Songs added later with ``MusicSearch.index_audio`` live
-in a side table beside the index folders (``added_table_path``); every build for the same model folds
-them into the new index, so they survive ``--rerun index``.
+in a side table beside the index folders (:func:`pipeline.layout.added_table_path`); the index stage passes it
+as ``added`` and hashes it into the index's key, so the next run builds a new index that folds them in and they
+survive ``--rerun index``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import annoy
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.embeddings import ROW_COLUMNS, embeddings_metadata, read_embeddings
 from pipeline.errors import MelsearchError
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, params_key
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,27 @@ _EXACT_BLOCK_VALUES = 1 << 24
 _MAP_POINTS = 20_000
 
 
-def added_table_path(index_dir: str | os.PathLike, model_key: str) -> Path:
-    """The side table of songs added to indexes of model ``model_key``: ``<index_dir>/../added-<model_key>.parquet``.
+@dataclass(frozen=True)
+class IndexConfig:
+    """Annoy settings; ``key()`` is part of the index folder's name.
 
-    It lives beside the index folders, not in one, so rebuilding or removing an index keeps the added songs.
+    ``n_trees``: trees in the forest (more: better recall, bigger file); ``search_k``: nodes inspected per query,
+    -1 for ``n_trees * k * 10`` (see :func:`effective_search_k`); ``seed``: Annoy's seed and the figures' sample.
     """
-    return Path(index_dir).parent / f"added-{model_key}.parquet"
+
+    n_trees: int = 50
+    search_k: int = -1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_trees < 1:
+            raise MelsearchError(f"IndexConfig.n_trees must be >= 1, got {self.n_trees}")
+        if self.search_k == 0 or self.search_k < -1:
+            raise MelsearchError(f"IndexConfig.search_k must be -1 or > 0, got {self.search_k}")
+
+    def key(self) -> str:
+        """Short hash of every field."""
+        return params_key(asdict(self))
 
 
 def effective_search_k(search_k: int, n_trees: int, k: int) -> int:
@@ -262,6 +279,7 @@ def build_annoy_index(
     search_k: int = -1,
     seed: int = 0,
     n_jobs: int = -1,
+    added: str | os.PathLike | None = None,
 ) -> dict:
     """Build ``out_dir`` (index.ann, ids.parquet, meta.json, embedding_map.png) from an embeddings file.
 
@@ -273,6 +291,8 @@ def build_annoy_index(
     search_k : nodes inspected per query; -1: ``n_trees * k * 10`` (see :func:`effective_search_k`).
     seed : Annoy's random seed and the figures' query sample.
     n_jobs : build threads; -1: all cores for large sets, one (reproducible bytes) below 100k items.
+    added : a side table of songs added since (:meth:`MusicSearch.index_audio`) to fold in, when it exists;
+        the caller makes it part of the index's identity (``tasks.search.Index`` hashes its bytes into the key).
 
     Returns
     -------
@@ -287,7 +307,8 @@ def build_annoy_index(
     if not rows:
         raise MelsearchError(f"{embeddings_path}: no tracks to index")
     n_embedded = len(rows)
-    rows, vectors = _with_added_songs(rows, vectors, added_table_path(out_dir, meta.get("model_key", "")), meta)
+    if added is not None:
+        rows, vectors = _with_added_songs(rows, vectors, Path(added), meta)
     duplicates = len(rows) - len({row["track_id"] for row in rows})
     if duplicates:
         raise MelsearchError(f"{embeddings_path}: {duplicates} duplicate track id(s)")

@@ -3,7 +3,7 @@
 ``MusicSearch.load(workdir_or_index).query(path_or_track_id, top_k=10)`` searches the memory-mapped
 Annoy index (or, with ``exact=True``, every vector by brute force) together with a small side table of
 songs added since the index was built (``index_audio``; Annoy cannot grow). The next index build of the
-same model folds the side table in (see :func:`pipeline.index.added_table_path`). From a shell::
+same model folds the side table in (see :func:`pipeline.layout.added_table_path`). From a shell::
 
     python -m pipeline.query song.mp3 --workdir data/work --top-k 5
     python -m pipeline.query --track blues.00012 --json
@@ -29,7 +29,6 @@ from pipeline.errors import MelsearchError
 from pipeline.index import (
     INDEX_FILE,
     META_FILE,
-    added_table_path,
     effective_search_k,
     exact_neighbours,
     load_annoy,
@@ -37,6 +36,7 @@ from pipeline.index import (
     read_index_meta,
 )
 from pipeline.io import file_sha256
+from pipeline.layout import WorkDir, added_table_path
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
@@ -58,6 +58,7 @@ class MusicSearch:
     def __init__(self, index_dir: Path, meta: dict, model_dir: Path, *, device: str = "cpu") -> None:
         self.index_dir = index_dir
         self.meta = meta
+        self.chosen_because = "given"  # how load() picked the folder, for the CLI to say
         self.model_dir = model_dir
         self.device = device
         self._annoy = load_annoy(index_dir / INDEX_FILE, meta["dim"])
@@ -79,35 +80,34 @@ class MusicSearch:
         model: str | None = None,
         device: str = "cpu",
     ) -> MusicSearch:
-        """Open an index folder (one holding meta.json), or the newest index of a work directory.
+        """Open an index folder (one holding meta.json), or the one of a work directory that the latest run built.
 
         Parameters
         ----------
         workdir_or_index : ``<workdir>/index/<model>-<key>/`` or a work directory.
-        model_dir : the model to embed query files with; default ``<workdir>/models/<model_key of the index>``.
+        model_dir : the model to embed query files with; default ``<workdir>/train/<model_key of the index>``.
             Given, it is loaded now and checked against the index.
-        model : in a work directory, take the newest index of this model name (e.g. ``"resnet_v2"``).
+        model : in a work directory, take the index of this model name (e.g. ``"resnet_v2"``), chosen by
+            :meth:`pipeline.layout.WorkDir.find` (the latest run's, else the newest finished).
 
         Raises
         ------
         MelsearchError
             No index built yet; an index built by another model or dimension than ``model_dir``'s.
         """
-        from pipeline.workdir import find_index_dir
-
         path = Path(workdir_or_index)
         if (path / META_FILE).is_file():
-            index_dir = path
+            index_dir, why = path, "given"
         elif path.is_dir():
             if model is None and model_dir is not None:
                 model = _model_name(Path(model_dir))
-            index_dir = find_index_dir(path, model)
+            index_dir, why = WorkDir(path).choose("index", model)
         else:
             raise MelsearchError(f"{path}: no such index folder or work directory")
         meta = read_index_meta(index_dir)
-        # an index lives in <workdir>/index/<name>/, its model in <workdir>/models/<model_key>/
-        default_model = index_dir.resolve().parent.parent / "models" / meta.get("model_key", "")
+        default_model = WorkDir(index_dir.resolve().parent.parent).root / "train" / meta.get("model_key", "")
         search = cls(index_dir, meta, Path(model_dir) if model_dir is not None else default_model, device=device)
+        search.chosen_because = why
         if model_dir is not None:
             search.classifier  # noqa: B018 (load and check the model the caller named now, not at the first query)
         return search
@@ -406,9 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("file", nargs="?", metavar="FILE", help="audio file (wav, au, mp3, flac, ogg, ...)")
     what.add_argument("--track", metavar="ID", help="a track id of the index (e.g. blues.00012)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--workdir", default="data/work",
+                       help="work directory: the index its latest run built (default: data/work)")
     where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--model", help="in --workdir, the index of this model name")
     parser.add_argument("--model-dir", help="embed FILE with this model folder (default: the one that built the index)")
     parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
     parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, for comparison")
@@ -433,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MelsearchError as exc:
         print(f"melsearch: {exc}", file=sys.stderr)
         return 1
+    print(f"melsearch: index {search.index_dir} ({search.chosen_because})", file=sys.stderr)  # stdout: the results
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 
@@ -445,9 +447,10 @@ def build_recommend_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history", required=True, metavar="ID,ID,...",
                         help="track ids of the index listened to, oldest first, comma-separated")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--workdir", default="data/work",
+                       help="work directory: the index its latest run built (default: data/work)")
     where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--model", help="in --workdir, the index of this model name")
     parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
     parser.add_argument("--rule", default="merge", choices=RECOMMEND_RULES,
                         help="merge: the 5 nearest of each of the last 10 songs, merged (default, the original "

@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.audio import is_audio_path
 from pipeline.errors import MelsearchError
 from pipeline.index import MAP_FILE
+from pipeline.layout import WorkDir
 from pipeline.query import RECOMMEND_RULES, MusicSearch
 
 log = logging.getLogger(__name__)
@@ -358,23 +359,15 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _find_index_dir(workdir: Path, model: str | None) -> Path:
-    """The index folder of a work directory that the query helper would pick (``find_index_dir``)."""
-    try:
-        from pipeline.workdir import find_index_dir  # imported here: it may move to another module
-    except ImportError:  # moved: MusicSearch.load knows how to find the index of a work directory
-        return MusicSearch.load(workdir, model=model).index_dir
-    return find_index_dir(workdir, model)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melsearch serve", description="A web page to search the index, listen and get recommendations."
     )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work", help="work directory: its newest index (default: data/work)")
+    where.add_argument("--workdir", default="data/work",
+                       help="work directory: the index its latest run built (default: data/work)")
     where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the newest index of this model name")
+    parser.add_argument("--model", help="in --workdir, the index of this model name")
     parser.add_argument("--model-dir", help="embed uploads with this model folder (default: the one that built it)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0: all)")
@@ -399,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.index_dir:
             index_dir = Path(args.index_dir).expanduser()
         else:
-            index_dir = _find_index_dir(Path(args.workdir).expanduser(), args.model)
+            index_dir, why = WorkDir(Path(args.workdir).expanduser()).choose("index", args.model)
+            log.info("serving index %s (%s)", index_dir, why)
         serve(index_dir, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
               model_dir=args.model_dir, device=args.device, log_level="debug" if args.verbose > 1 else "info")
     except MelsearchError as exc:

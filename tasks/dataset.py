@@ -8,6 +8,7 @@ import luigi
 
 from pipeline.dataset import build_manifest
 from pipeline.io import params_key
+from pipeline.layout import WorkDir
 from pipeline.sources import audio_root, extract_archive, fetch_gtzan
 from tasks.base import StageTask
 from tasks.config import dataset
@@ -19,7 +20,7 @@ class DownloadGTZAN(luigi.Task):
     workdir = luigi.Parameter(default="data/work")
 
     def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(Path(self.workdir) / "downloads" / "genres.tar.gz"))
+        return luigi.LocalTarget(str(WorkDir(self.workdir).gtzan_archive))
 
     def run(self) -> None:
         cfg = dataset()
@@ -39,9 +40,6 @@ class Dataset(StageTask):
     def requires(self) -> list[luigi.Task]:
         return [] if self.audio_dir or self.archive else [DownloadGTZAN(workdir=self.workdir)]
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir / "manifest.parquet"))
-
     def run(self) -> None:
         cfg = dataset()
         folder = Path(self.audio_dir) if self.audio_dir else None
@@ -51,5 +49,6 @@ class Dataset(StageTask):
             if not extracted.is_dir():
                 extract_archive(archive, extracted)
             folder = audio_root(extracted)
-        figures = build_manifest(folder, self.output().path, split=cfg.split, seed=cfg.split_seed)
+        figures = build_manifest(folder, self.artifact, split=cfg.split, seed=cfg.split_seed)
         self.set_status_message(f"{figures['ok']} ok, {figures['rejected']} rejected")
+        self.finish(figures)

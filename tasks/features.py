@@ -5,24 +5,14 @@ from __future__ import annotations
 import luigi
 
 from pipeline.feature_shards import merge_feature_shards, shard_tracks, write_feature_shard
+from pipeline.feature_store import feature_figures
 from pipeline.io import params_key
 from pipeline.manifest import read_manifest
 from pipeline.parallel import shutdown_shared_pool
-from pipeline.mel import MelConfig
 from tasks.base import StageTask
-from tasks.config import features
+from tasks.config import features, mel_config
 from tasks.dataset import Dataset
 
-
-def mel_config() -> MelConfig:
-    """The log-mel settings of this run: the ``[features]`` preset with its overrides."""
-    cfg = features()
-    overrides = {"dtype": cfg.dtype}
-    if cfg.n_mels:
-        overrides["n_mels"] = cfg.n_mels
-    if cfg.duration_s:
-        overrides["duration_s"] = cfg.duration_s
-    return MelConfig.preset(cfg.preset, **overrides)
 
 class FeaturesBase(StageTask):
     stage = "features"
@@ -35,7 +25,8 @@ class FeaturesBase(StageTask):
         return params_key([self.clone(Dataset).key, mel_config().key(), features().shard_size])
 
     def shards(self) -> list[list[tuple[str, str]]]:
-        return shard_tracks(read_manifest(self.input().path, status="ok"), features().shard_size)
+        return shard_tracks(read_manifest(self.clone(Dataset).artifact, status="ok"), features().shard_size)
+
 
 class FeatureShard(FeaturesBase):
     """``<workdir>/features/<key>/shards/shard-NNNNN.h5``: the log-mels of one slice of the manifest."""
@@ -50,15 +41,14 @@ class FeatureShard(FeaturesBase):
         write_feature_shard(tracks, self.output().path, mel_config(), workers=features().processes or None,
                             progress=self.report)
 
+
 class Features(FeaturesBase):
     """``<workdir>/features/<key>/features.h5``: one logical dataset over every shard (HDF5 virtual datasets)."""
-
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir / "features.h5"))
 
     def run(self):
         # the shard count is known only once the manifest exists: dynamic dependencies
         shard_tasks = [self.clone(FeatureShard, shard=i) for i in range(len(self.shards()))]
         yield shard_tasks
         shutdown_shared_pool()  # every shard is written: free the workers' memory for the stages after
-        merge_feature_shards([t.output().path for t in shard_tasks], self.output().path)
+        merge_feature_shards([t.output().path for t in shard_tasks], self.artifact)
+        self.finish(feature_figures(self.artifact))

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import h5py
 import luigi
 import luigi.configuration
-import pyarrow.parquet as pq
 from luigi.execution_summary import LuigiStatusCode
 
-from models import MODEL_NAMES
 from pipeline.errors import MelsearchError
-from pipeline.feature_store import FeatureStore
-from pipeline.manifest import read_manifest
+from pipeline.layout import STAGES, WorkDir, read_figures
 from tasks.base import StageTask
 from tasks.dataset import Dataset
 from tasks.features import Features
@@ -29,17 +24,7 @@ from tasks.train import CompareModels, Train
 
 log = logging.getLogger(__name__)
 
-STAGES = ("dataset", "features", "train", "embeddings", "index")
 STAGE_TASKS = {"dataset": Dataset, "features": Features, "train": Train, "embeddings": Embeddings, "index": Index}
-
-
-def model_names(model: str) -> list[str]:
-    """``all`` -> every registered model; otherwise the one name, checked against the registry."""
-    if model == "all":
-        return list(MODEL_NAMES)
-    if model not in MODEL_NAMES:
-        raise MelsearchError(f"unknown model {model!r} (choose from {', '.join(MODEL_NAMES)} or all)")
-    return [model]
 
 
 class Pipeline(luigi.WrapperTask):
@@ -81,11 +66,14 @@ def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
 
 def clear_outputs(task: StageTask) -> None:
     """Remove a stage task's current outputs (the dataset's extracted audio and downloads are kept)."""
-    target = Path(task.output().path)
-    if isinstance(task, (Dataset, CompareModels)):  # outputs that are a file, not a folder of their own
-        target.unlink(missing_ok=True)
+    if isinstance(task, CompareModels):  # a file beside the model folders
+        Path(task.output().path).unlink(missing_ok=True)
         return
-    folder = target.parent
+    if isinstance(task, Dataset):  # keep the extracted archive: it is the source, not a result
+        Path(task.output().path).unlink(missing_ok=True)
+        task.artifact.unlink(missing_ok=True)
+        return
+    folder = task.stage_dir
     if folder.is_dir():
         trash = folder.with_name(f".{folder.name}.removing")
         os.replace(folder, trash)  # one rename: a kill mid-removal never leaves a half-deleted output in place
@@ -95,7 +83,7 @@ def clear_outputs(task: StageTask) -> None:
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
     """Hold ``<workdir>/.lock`` for a local-scheduler run; a second run on the same folder is refused at once."""
-    path = Path(workdir) / ".lock"
+    path = WorkDir(workdir).lock_file
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
@@ -146,7 +134,7 @@ def run_pipeline(
                 raise MelsearchError(f"--rerun {rerun} is downstream of --stage {stage}")
             for name in STAGES[STAGES.index(rerun):]:
                 for task in stage_tasks(root)[name]:
-                    log.info("removing %s outputs in %s", name, Path(task.output().path).parent)
+                    log.info("removing %s outputs in %s", name, task.stage_dir)
                     clear_outputs(task)
         kwargs = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
         # the caller configures logging (the CLI: one handler, its level); Luigi adds no handler of its own
@@ -155,35 +143,21 @@ def run_pipeline(
     if result.status not in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY):
         outcome = result.status.name.lower().replace("_", " ")
         raise MelsearchError(f"pipeline did not finish ({outcome}); see the errors above")
+    _record_run(root)
     return root
 
 
-def _figures(stage: str, task: StageTask) -> dict:
-    out = Path(task.output().path)
-    if stage == "dataset":
-        rows = read_manifest(out)
-        splits: dict[str, int] = {}
-        for row in rows:
-            if row["status"] == "ok":
-                splits[row["split"] or "unlabelled"] = splits.get(row["split"] or "unlabelled", 0) + 1
-        rejected = [row for row in rows if row["status"] == "rejected"]
-        return {"tracks": len(rows), "ok": len(rows) - len(rejected), "rejected": len(rejected), "splits": splits,
-                "rejected_files": [{"track_id": r["track_id"], "reason": r["reason"]} for r in rejected]}
-    if stage == "features":
-        failed = []
-        shards = sorted(out.parent.glob("shards/*.h5"))
-        for shard in shards:
-            with h5py.File(shard, "r") as h5:
-                failed.extend(json.loads(h5.attrs.get("failed", "[]")))
-        with FeatureStore.open(out) as store:
-            tracks = len(store)
-        return {"tracks": tracks, "shards": len(shards), "failed": len(failed), "failed_tracks": failed}
-    if out.suffix == ".png":
-        return {}
-    if stage == "embeddings":
-        meta = pq.read_metadata(out)
-        return {"tracks": meta.num_rows}
-    return json.loads(out.read_text())  # train: metrics.json; index: meta.json
+def _record_run(root: Pipeline) -> None:
+    """``latest-run.json``: the folders this run's settings name, which predict, query and serve then read."""
+    layout = WorkDir(root.workdir)
+    folders: dict[str, dict[str, str]] = {}
+    for stage, tasks in stage_tasks(root).items():
+        for task in tasks:
+            if not isinstance(task, CompareModels) and task.complete():
+                relative = task.stage_dir.relative_to(layout.root).as_posix()
+                folders.setdefault(stage, {})[getattr(task, "model", "")] = relative
+    # a run of fewer stages keeps what the last longer run recorded for the others
+    layout.record_run({**layout.read_run_record(), **folders})
 
 
 def pipeline_status(
@@ -196,11 +170,12 @@ def pipeline_status(
         entries = []
         for task in tasks:
             done = task.complete()
-            entry = {"done": done, "output": task.output().path}
+            entry = {"done": done, "output": str(task.output().path if isinstance(task, CompareModels)
+                                                 else task.artifact)}
             if getattr(task, "model", None):
                 entry["model"] = task.model
-            if done:
-                entry["figures"] = _figures(stage, task)
+            if done and not isinstance(task, CompareModels):
+                entry["figures"] = read_figures(task.stage_dir)
             entries.append(entry)
         status[stage] = {"done": all(e["done"] for e in entries), "outputs": entries}
     return status

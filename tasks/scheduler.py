@@ -11,10 +11,11 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import MelsearchError
+from pipeline.layout import WorkDir
 
 
 def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
-    base = Path(workdir) / "scheduler"
+    base = WorkDir(workdir).scheduler_dir
     return {"dir": base, "pid": base / "luigid.pid", "log": base / "logs", "state": base / "state.pickle"}
 
 

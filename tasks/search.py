@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import luigi
 
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
-from pipeline.io import params_key
+from pipeline.io import file_sha256, params_key
 from tasks.base import ModelStageTask
-from tasks.config import index, train
+from tasks.config import index_config, train
 from tasks.dataset import Dataset
 from tasks.features import Features
 from tasks.train import Train
@@ -28,18 +26,18 @@ class Embeddings(ModelStageTask):
     def key(self) -> str:
         return params_key([self.clone(Train).key])
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir / "embeddings.parquet"))
-
     def run(self) -> None:
-        inputs = self.input()
-        model_dir = Path(inputs["model"].path).parent
-        write_embeddings(inputs["dataset"].path, inputs["features"].path, model_dir, self.output().path,
-                         device=train().device)
+        figures = write_embeddings(self.clone(Dataset).artifact, self.clone(Features).artifact,
+                                   self.clone(Train).stage_dir, self.artifact, device=train().device)
+        self.finish(figures)
 
 
 class Index(ModelStageTask):
-    """``<workdir>/index/<model>-<key>/``: ``index.ann``, ``ids.parquet``, ``meta.json`` (with figures), a 2-D map."""
+    """``<workdir>/index/<model>-<key>/``: ``index.ann``, ``ids.parquet``, ``meta.json``, a 2-D map, figures.
+
+    Songs added with ``MusicSearch.index_audio`` (the side table) are folded in, and their bytes are part of
+    the key: adding a song makes the next run build a new index.
+    """
 
     stage = "index"
 
@@ -47,13 +45,16 @@ class Index(ModelStageTask):
         return self.clone(Embeddings)
 
     @property
-    def key(self) -> str:
-        cfg = index()
-        return params_key([self.clone(Embeddings).key, cfg.n_trees, cfg.search_k])
+    def added_table(self):
+        return self.layout.added_table(self.clone(Train).stage_dir.name)
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir / "meta.json"))
+    @property
+    def key(self) -> str:
+        added = file_sha256(self.added_table) if self.added_table.is_file() else None
+        return params_key([self.clone(Embeddings).key, index_config().key(), added])
 
     def run(self) -> None:
-        cfg = index()
-        build_annoy_index(self.input().path, self.stage_dir, n_trees=cfg.n_trees, search_k=cfg.search_k)
+        cfg = index_config()
+        figures = build_annoy_index(self.clone(Embeddings).artifact, self.stage_dir, n_trees=cfg.n_trees,
+                                    search_k=cfg.search_k, seed=cfg.seed, added=self.added_table)
+        self.finish(figures)

@@ -27,6 +27,16 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
+    """Six labelled synthetic 3 s clips at 22050 Hz, then a 1 s 440 Hz tone, as (track_id, path)."""
+    root = tmp_path_factory.mktemp("audio")
+    paths = write_synthetic_dataset(root, n_per_class=2, seconds=3.0, sr=22050, n_classes=3, seed=0)
+    sf.write(root / "short.wav", (0.5 * np.sin(2 * np.pi * 440.0 * np.arange(22050) / 22050)).astype(np.float32),
+             22050)
+    return [(path.stem, str(path)) for path in paths] + [("short", str(root / "short.wav"))]
+
+
 @pytest.fixture(scope="session")
 def real_audio_dir() -> Path:
     """The real GTZAN clips named by MELSEARCH_REAL_AUDIO (set by .ci/run); skips when absent."""

@@ -16,7 +16,6 @@ from pipeline.index import (
     INDEX_FILE,
     MAP_FILE,
     META_FILE,
-    added_table_path,
     angular_distance,
     build_annoy_index,
     effective_search_k,
@@ -24,6 +23,7 @@ from pipeline.index import (
     load_annoy,
     read_ids,
 )
+from pipeline.layout import added_table_path
 from pipeline.vectors import l2_normalise
 
 META = {"model": "cifar10", "model_key": "cifar10-0123456789", "feature_key": "featkey"}
@@ -160,7 +160,8 @@ def test_added_songs_are_folded_into_the_next_build(tmp_path, rng):
                   {"track_id": rows[0]["track_id"], "path": "/dup.wav", "label": "", "split": "added"}]  # indexed
     write_embedding_rows(added_rows, extra, added_table_path(out, META["model_key"]), metadata=META)
 
-    figures = build_annoy_index(tmp_path / "embeddings.parquet", out, n_trees=5)
+    figures = build_annoy_index(tmp_path / "embeddings.parquet", out, n_trees=5,
+                                added=added_table_path(out, META["model_key"]))
     assert figures["count"] == 101 and figures["added"] == 1
     ids = read_ids(out)
     assert ids[-1]["track_id"] == "added/new.flac" and ids[-1]["split"] == "added"
@@ -174,7 +175,8 @@ def test_side_table_of_another_model_is_ignored(tmp_path, rng):
     out = tmp_path / "index" / "m"
     write_embedding_rows([{"track_id": "x"}], vectors[:1], added_table_path(out, META["model_key"]),
                          metadata={**META, "model_key": "resnet_v2-999"})
-    assert build_annoy_index(tmp_path / "embeddings.parquet", out, n_trees=2)["count"] == 50
+    assert build_annoy_index(tmp_path / "embeddings.parquet", out, n_trees=2,
+                             added=added_table_path(out, META["model_key"]))["count"] == 50
 
 
 def test_failed_build_leaves_the_previous_index(tmp_path, rng, monkeypatch):

@@ -16,7 +16,8 @@ from pipeline.dataset import build_manifest
 from pipeline.embeddings import write_embedding_rows, write_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_feature_shard
-from pipeline.index import added_table_path, build_annoy_index, read_ids
+from pipeline.index import build_annoy_index, read_ids
+from pipeline.layout import added_table_path
 from pipeline.manifest import read_manifest
 from pipeline.query import MusicSearch, format_table, main
 from pipeline.synth import SYNTH_CLASSES, synth_clip
@@ -112,7 +113,7 @@ def test_mp3_and_flac_of_one_song_embed_alike(workdir, new_song):
 
 
 def test_index_audio_then_query_finds_the_added_song(workdir, own_index, new_song):
-    model_dir = workdir / "models" / "cifar10-tiny"
+    model_dir = workdir / "train" / "cifar10-tiny"
     search = MusicSearch.load(own_index, model_dir=model_dir)
     before = len(search)
     track_id = search.index_audio(new_song["flac"], label="drone")
@@ -136,7 +137,8 @@ def test_index_audio_then_query_finds_the_added_song(workdir, own_index, new_son
     assert second in [r["track_id"] for r in fresh.query(track_id, top_k=1000)]
 
     # the next build folds the side table into Annoy; the search then has no separate side rows
-    build_annoy_index(workdir / "embeddings" / "cifar10-tiny" / "embeddings.parquet", own_index, n_trees=10)
+    build_annoy_index(workdir / "embeddings" / "cifar10-tiny" / "embeddings.parquet", own_index, n_trees=10,
+                      added=added_table_path(own_index, "cifar10-tiny"))
     rebuilt = MusicSearch.load(own_index, model_dir=model_dir)
     assert len(rebuilt) == before + 2 and rebuilt._added_rows == []
     assert rebuilt.query(new_song["mp3"], top_k=1)[0]["track_id"] == track_id
@@ -176,7 +178,7 @@ def test_errors_are_one_line(workdir, own_index, tmp_path):
 
 
 def test_an_index_of_another_model_or_dimension_is_refused(workdir, tmp_path, rng):
-    model_dir = workdir / "models" / "cifar10-tiny"
+    model_dir = workdir / "train" / "cifar10-tiny"
     # an index of 8-d vectors, said to be built by this very model
     rows = [{"track_id": f"t{i}", "path": f"/t{i}.wav", "label": "x"} for i in range(20)]
     meta = {"model": "cifar10", "model_key": "cifar10-tiny", "feature_key": "f"}
@@ -190,7 +192,7 @@ def test_an_index_of_another_model_or_dimension_is_refused(workdir, tmp_path, rn
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "model_key": "cifar10-elsewhere"}))
     with pytest.raises(MelsearchError, match="built by model cifar10-elsewhere") as model:
         MusicSearch.load(other, model_dir=model_dir)
-    # no model given: the default models/<model_key> is missing, said at the first file query
+    # no model given: the default train/<model_key> is missing, said at the first file query
     lazy = MusicSearch.load(other)
     assert lazy.query("buzz/buzz.00000.wav", top_k=2)
     with pytest.raises(MelsearchError, match="cifar10-elsewhere.*not here") as absent:
@@ -250,7 +252,7 @@ def test_real_clips_never_return_themselves_and_an_mp3_transcode_works(workdir, 
     build_manifest(real_audio_dir, manifest, workers=1)
     rows = read_manifest(manifest, status="ok")
     write_feature_shard([(r["track_id"], r["path"]) for r in rows], features, TINY_MELS, workers=1)
-    model_dir = workdir / "models" / "cifar10-tiny"
+    model_dir = workdir / "train" / "cifar10-tiny"
     write_embeddings(manifest, features, model_dir, tmp_path / "embeddings" / "e.parquet")
     figures = build_annoy_index(tmp_path / "embeddings" / "e.parquet", tmp_path / "index" / "real")
     assert figures["count"] == len(rows) >= 20 and figures["recall_at_10"] >= 0.98

@@ -72,10 +72,10 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     4 synthetic genres x 8 clips (random 80/10/10 split) plus 2 unlabelled clips at the audio root.
     Layout as the pipeline writes it: dataset/s/manifest.parquet, features/<key>/features.h5,
-    models/cifar10-tiny/. The audio lies in ``root/audio``.
+    train/cifar10-tiny/. The audio lies in ``root/audio``.
     """
     root = tmp_path_factory.getbasetemp() / "tiny-work"
-    model_dir = root / "models" / "cifar10-tiny"
+    model_dir = root / "train" / "cifar10-tiny"
     if (model_dir / "metrics.json").is_file():
         return root
     audio = root / "audio"
@@ -95,4 +95,4 @@ def tiny_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_paths(root: Path) -> tuple[Path, Path, Path]:
     """(manifest, features, model_dir) of :func:`tiny_workdir`."""
     return (root / "dataset" / "s" / "manifest.parquet", root / "features" / TINY_MELS.key() / "features.h5",
-            root / "models" / "cifar10-tiny")
+            root / "train" / "cifar10-tiny")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import FAST, ROOT, melsearch, snapshot, status
 
-STAGE_DIRS = ("dataset", "features", "models", "embeddings", "index")
+STAGE_DIRS = ("dataset", "features", "train", "embeddings", "index")
 
 
 def free_port() -> int:
@@ -46,7 +46,7 @@ def test_whole_pipeline_outputs(built, synth_dir):
     embeddings = pq.read_table(report["embeddings"]["outputs"][0]["output"])
     assert embeddings.num_rows == 24
     index = report["index"]["outputs"][0]["figures"]
-    assert index["count"] == 24 and index["figures"]["recall_at_10"] >= 0.98
+    assert index["count"] == 24 and index["recall_at_10"] >= 0.98
 
 
 def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
@@ -60,7 +60,7 @@ def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
 
     melsearch(*args, "--rerun", "index")
     after = snapshot(built)
-    for stage in ("dataset", "features", "models", "embeddings"):
+    for stage in ("dataset", "features", "train", "embeddings"):
         assert files_of(after, stage) == files_of(before, stage), stage
     index_files = files_of(after, "index")
     assert index_files and all(v[1] != before.get(k, (None, None))[1] for k, v in index_files.items())
@@ -69,7 +69,7 @@ def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
     again = snapshot(built)
     for stage in ("dataset", "features"):
         assert files_of(again, stage) == files_of(before, stage), stage
-    for stage in ("models", "embeddings", "index"):
+    for stage in ("train", "embeddings", "index"):
         changed = files_of(again, stage)
         assert changed and all(v[1] != after.get(k, (None, None))[1] for k, v in changed.items()), stage
 
@@ -120,11 +120,11 @@ def test_sigkill_during_features_then_rerun(synth_dir, tmp_path):
 
 def test_sigkill_during_training_then_resume(synth_dir, tmp_path):
     workdir = tmp_path / "killed"
-    _run_until("models/*/checkpoints/last.pt", workdir, synth_dir)
-    assert not list(workdir.glob("models/*/metrics.json"))
+    _run_until("train/*/checkpoints/last.pt", workdir, synth_dir)
+    assert not list(workdir.glob("train/*/metrics.json"))
     melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST,
               "--set", "features.shard_size=4", "--set", "features.processes=1")
-    history = next(workdir.glob("models/*/history.csv")).read_text().splitlines()
+    history = next(workdir.glob("train/*/history.csv")).read_text().splitlines()
     epochs = [int(line.split(",")[0]) for line in history[1:]]
     assert epochs == list(range(1, 7)), history  # each epoch once: resumed, not restarted or repeated
     report = status(workdir, "--audio-dir", str(synth_dir), "--set", "features.shard_size=4")

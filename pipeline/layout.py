@@ -1,0 +1,152 @@
+"""The work directory's layout: the one place that names every stage folder and file in it.
+
+::
+
+    <workdir>/
+      downloads/genres.tar.gz                  GTZAN, verified
+      dataset/<key>/                           manifest.parquet, audio/ (an extracted archive), figures.json
+      features/<key>/                          shards/shard-NNNNN.h5, features.h5, figures.json
+      train/<model>-<key>/                     model.pt, config.json, checkpoints/, history.csv, metrics.json,
+                                               curves.png, confusion.png, figures.json
+      train/comparison-<key>.png               several models' validation curves side by side
+      embeddings/<model>-<key>/                embeddings.parquet, figures.json
+      index/<model>-<key>/                     index.ann, ids.parquet, meta.json, embedding_map.png, figures.json
+      index/added-<model folder>.parquet       songs added with MusicSearch.index_audio; part of the next index's key
+      latest-run.json                          the folders the last ``melsearch run`` used, per stage and model
+      scheduler/                               luigid.pid, logs/, state.pickle
+      .lock                                    held by a local-scheduler run
+
+Each ``<key>`` is a short hash of the settings and upstream keys that shaped the folder. A stage writes its
+headline figures to ``figures.json`` last: that file marks the folder finished. Readers (``predict``,
+``query``, ``serve``) take the folder the settings name when they know them, else the one ``latest-run.json``
+names, else the newest finished one, and say which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import MelsearchError
+from pipeline.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGES = ("dataset", "features", "train", "embeddings", "index")
+PER_MODEL_STAGES = ("train", "embeddings", "index")
+FIGURES_FILE = "figures.json"
+RUN_RECORD = "latest-run.json"
+# The file each stage's readers want from its folder (train and index are read as whole folders).
+ARTIFACTS = {"dataset": "manifest.parquet", "features": "features.h5", "train": "", "embeddings": "embeddings.parquet",
+             "index": ""}
+# The file a stage's library writer puts last in its folder: a folder built without Luigi counts once it is there.
+WRITTEN_LAST = {**ARTIFACTS, "train": "metrics.json", "index": "meta.json"}
+
+
+class WorkDir:
+    """Paths in one work directory (local; nothing is created until a stage writes)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str, key: str, model: str | None = None) -> Path:
+        """``<root>/<stage>/<key>``, or ``<root>/<stage>/<model>-<key>`` for the per-model stages."""
+        if stage not in STAGES:
+            raise MelsearchError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        return self.root / stage / (f"{model}-{key}" if stage in PER_MODEL_STAGES else key)
+
+    @staticmethod
+    def artifact(stage: str, folder: str | os.PathLike) -> Path:
+        """What readers of ``stage`` open in its ``folder``: a file (manifest, features, embeddings) or the folder."""
+        name = ARTIFACTS[stage]
+        return Path(folder) / name if name else Path(folder)
+
+    @staticmethod
+    def figures_path(folder: str | os.PathLike) -> Path:
+        return Path(folder) / FIGURES_FILE
+
+    @property
+    def gtzan_archive(self) -> Path:
+        return self.root / "downloads" / "genres.tar.gz"
+
+    def comparison_plot(self, key: str) -> Path:
+        return self.root / "train" / f"comparison-{key}.png"
+
+    def added_table(self, model_folder: str) -> Path:
+        """The side table of songs added to indexes of the model in ``train/<model_folder>``."""
+        return self.root / "index" / f"added-{model_folder}.parquet"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def scheduler_dir(self) -> Path:
+        return self.root / "scheduler"
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / RUN_RECORD
+
+    def record_run(self, folders: dict[str, dict[str, str]]) -> None:
+        """Write ``latest-run.json``: ``{stage: {model or "": folder relative to root}}`` of a finished run.
+
+        Left untouched when it already says so, so a no-op rerun changes no file.
+        """
+        if self.read_run_record() != folders:
+            write_json_atomic(self.run_record, folders)
+
+    def read_run_record(self) -> dict[str, dict[str, str]]:
+        """``latest-run.json``'s folders, or ``{}`` when there is none (or it is unreadable)."""
+        try:
+            record = json.loads(self.run_record.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def find(self, stage: str, model: str | None = None) -> Path:
+        """The finished ``stage`` folder to read (for ``model`` when given); see :meth:`choose`."""
+        return self.choose(stage, model)[0]
+
+    def choose(self, stage: str, model: str | None = None) -> tuple[Path, str]:
+        """The finished ``stage`` folder to read and why: the latest run's, else the newest finished one.
+
+        Raises MelsearchError when no finished folder exists.
+        """
+        recorded = self._recorded(stage, model)
+        if recorded is not None:
+            return recorded, f"the latest run's ({RUN_RECORD})"
+        marker = WRITTEN_LAST[stage]
+        pattern = f"{model}-*/{marker}" if model else f"*/{marker}"
+        found = sorted((self.root / stage).glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+        if not found:
+            what = f"{model} " if model else ""
+            raise MelsearchError(f"{self.root / stage}: no finished {what}{stage} here (run the pipeline first)")
+        return found[-1].parent, f"the newest finished (no {RUN_RECORD} names one)"
+
+    def _recorded(self, stage: str, model: str | None) -> Path | None:
+        by_model = self.read_run_record().get(stage, {})
+        names = [by_model[model]] if model in by_model else [] if model else list(by_model.values())[:1]
+        folders = [self.root / name for name in names if (self.root / name / WRITTEN_LAST[stage]).is_file()]
+        return folders[0] if folders else None
+
+
+def added_table_path(index_dir: str | os.PathLike, model_folder: str) -> Path:
+    """The side table of the index at ``<workdir>/index/<name>`` (see :meth:`WorkDir.added_table`)."""
+    return WorkDir(Path(index_dir).parent.parent).added_table(model_folder)
+
+
+def write_figures(folder: str | os.PathLike, figures: dict[str, Any]) -> None:
+    """Record a stage's headline figures in its folder (atomically); this marks the folder finished."""
+    write_json_atomic(WorkDir.figures_path(folder), figures)
+
+
+def read_figures(folder: str | os.PathLike) -> dict[str, Any]:
+    """The figures a finished stage recorded, or ``{}`` when it has none."""
+    try:
+        return json.loads(WorkDir.figures_path(folder).read_text())
+    except (OSError, ValueError):
+        return {}
