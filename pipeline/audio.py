@@ -148,8 +148,9 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
             native_sr = handle.samplerate
             total_frames = handle.frames
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * native_sr))
-            data = handle.read(frames=frames, dtype="float32", always_2d=True)
-            samples = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+            # Only the frames needed; a mono file comes back 1-D and contiguous, with no copy to make.
+            data = handle.read(frames=frames, dtype="float32", always_2d=False)
+            samples = data if data.ndim == 1 else data.mean(axis=1, dtype=np.float32)
         duration_s = max(total_frames, samples.size) / native_sr
     except Exception as sf_exc:
         try:

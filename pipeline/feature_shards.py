@@ -35,8 +35,8 @@ from pipeline.parallel import shared_pool
 log = logging.getLogger(__name__)
 
 # Tracks per part file. Parts are handed to whichever worker is free, so the last part of a shard keeps one
-# worker busy while the others wait: 16 tracks (about 0.2 s of one core) keeps that wait short and the files few.
-PART_SIZE = 16
+# worker busy while the others wait: 8 tracks (about 0.1 s of one core) keeps that wait short, the files few.
+PART_SIZE = 8
 PARTS_SUFFIX = ".parts"  # <shard>.h5.parts/part-NNNNN.h5 beside the shard file
 
 
