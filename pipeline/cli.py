@@ -212,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["query"]:
-        from pipeline.query import main as query_main
+        from pipeline.query_cli import main as query_main
 
         return query_main(argv[1:])
     if argv[:1] == ["recommend"]:
-        from pipeline.query import recommend_main
+        from pipeline.query_cli import recommend_main
 
         return recommend_main(argv[1:])
     if argv[:1] == ["serve"]:

@@ -11,7 +11,6 @@ same model folds the side table in (see :func:`pipeline.layout.added_table_path`
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -383,99 +382,7 @@ def _model_name(model_dir: Path) -> str | None:
         return None
 
 
-def format_table(results: Sequence[dict]) -> str:
-    """Results as aligned text columns: rank, track id, label, distance, path."""
-    header = ("rank", "track_id", "label", "distance", "path")
-    cells = [header] + [
-        (str(r["rank"]), r["track_id"], r["label"] or "-", f"{r['distance']:.4f}", r["path"]) for r in results
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(4)]
-    lines = []
-    for row in cells:
-        lines.append(
-            f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
-        )
-    return "\n".join(lines)
+if __name__ == "__main__":  # the helper script: ``python -m pipeline.query`` (its parser is in query_cli)
+    from pipeline.query_cli import main
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.query", description="Songs that sound like an audio file or a track of the index."
-    )
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("file", nargs="?", metavar="FILE", help="audio file (wav, au, mp3, flac, ogg, ...)")
-    what.add_argument("--track", metavar="ID", help="a track id of the index (e.g. blues.00012)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work",
-                       help="work directory: the index its latest run built (default: data/work)")
-    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the index of this model name")
-    parser.add_argument("--model-dir", help="embed FILE with this model folder (default: the one that built the index)")
-    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
-    parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, for comparison")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.query`` (and ``melsearch query``): print the neighbours; 1 with one line on errors."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        search = MusicSearch.load(args.index_dir or args.workdir, model_dir=args.model_dir, model=args.model,
-                                  device=args.device)
-        if args.track is not None:
-            results = search.query_track(args.track, top_k=args.top_k, exact=args.exact)
-        else:
-            results = search.query_file(args.file, top_k=args.top_k, exact=args.exact)
-    except MelsearchError as exc:
-        print(f"melsearch: {exc}", file=sys.stderr)
-        return 1
-    print(f"melsearch: index {search.index_dir} ({search.chosen_because})", file=sys.stderr)  # stdout: the results
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
-    return 0
-
-
-def build_recommend_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="melsearch recommend",
-        description="Songs to play next after a listening history (oldest first), never one of the history.",
-    )
-    parser.add_argument("--history", required=True, metavar="ID,ID,...",
-                        help="track ids of the index listened to, oldest first, comma-separated")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work",
-                       help="work directory: the index its latest run built (default: data/work)")
-    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the index of this model name")
-    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results (default: 10)")
-    parser.add_argument("--rule", default="merge", choices=RECOMMEND_RULES,
-                        help="merge: the 5 nearest of each of the last 10 songs, merged (default, the original "
-                             "project's rule); centroid: nearest to the mean of the last 10")
-    parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, for comparison")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    return parser
-
-
-def recommend_main(argv: Sequence[str] | None = None) -> int:
-    """``melsearch recommend``: print what to play after ``--history``; 1 with one line on errors."""
-    args = build_recommend_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    history = [track.strip() for track in args.history.split(",") if track.strip()]
-    try:
-        search = MusicSearch.load(args.index_dir or args.workdir, model=args.model)
-        results = search.recommend(history, top_k=args.top_k, rule=args.rule, exact=args.exact)
-    except MelsearchError as exc:
-        print(f"melsearch: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

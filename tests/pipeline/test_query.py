@@ -19,7 +19,8 @@ from pipeline.feature_shards import write_feature_shard
 from pipeline.index import build_annoy_index, read_ids
 from pipeline.layout import added_table_path
 from pipeline.manifest import read_manifest
-from pipeline.query import MusicSearch, format_table, main
+from pipeline.query import MusicSearch
+from pipeline.query_cli import format_table, main
 from pipeline.synth import SYNTH_CLASSES, synth_clip
 from pipeline.vectors import l2_normalise
 

@@ -22,7 +22,8 @@ from test_query import new_song, workdir  # noqa: F401 (fixtures: the tiny index
 
 from pipeline.errors import MelsearchError
 from pipeline.index import read_ids
-from pipeline.query import MusicSearch, recommend_main
+from pipeline.query import MusicSearch
+from pipeline.query_cli import recommend_main
 from pipeline.server import HTTPError, _AudioFiles, create_app
 from pipeline.server import main as server_main
 
