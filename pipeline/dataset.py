@@ -112,6 +112,34 @@ def random_split(ids_by_label: dict[str, list[str]], *, seed: int) -> dict[str, 
     return mapping
 
 
+def _assign_splits(rows: list[dict], method: str, ids_by_label: dict[str, list[str]], seed: int) -> None:
+    """Set each labelled row's ``split`` by ``method`` (gtzan lists, random, or hash); unlabelled rows keep ""."""
+    fixed = {"gtzan": load_gtzan_split, "random": lambda: random_split(ids_by_label, seed=seed)}.get(method, dict)()
+    for row in rows:
+        if row["label"]:
+            row["split"] = fixed.get(row["track_id"], "excluded") if fixed else hash_split(row["track_id"])
+
+
+def _labels_without_train(rows: list[dict]) -> list[str]:
+    """Labels of readable tracks none of which is in the train split (a model would never learn them)."""
+    labels = {row["label"] for row in rows if row["label"] and row["status"] == "ok"}
+    trained = {row["label"] for row in rows if row["split"] == "train" and row["status"] == "ok"}
+    return sorted(labels - trained)
+
+
+def _give_every_label_a_train_track(rows: list[dict]) -> None:
+    """A hash split of a small label can miss train: move its track with the lowest hash there, and say so.
+
+    The choice depends on the track ids alone, so it is as stable as the hash split itself.
+    """
+    for label in _labels_without_train(rows):
+        chosen = min((row for row in rows if row["label"] == label and row["status"] == "ok"),
+                     key=lambda row: hashlib.sha1(row["track_id"].encode()).digest())
+        log.warning("label %s has no train track in the hash split; %s moves from %s to train", label,
+                    chosen["track_id"], chosen["split"])
+        chosen["split"] = "train"
+
+
 def _probe_row(path: Path) -> dict:
     try:
         info = probe_audio(path)
@@ -171,10 +199,15 @@ def build_manifest(
     for row in rows:
         if row["label"]:
             ids_by_label[row["label"]].append(row["track_id"])
-    fixed = {"gtzan": load_gtzan_split, "random": lambda: random_split(ids_by_label, seed=seed)}.get(method, dict)()
-    for row in rows:
-        if row["label"]:
-            row["split"] = fixed.get(row["track_id"], "excluded") if fixed else hash_split(row["track_id"])
+    _assign_splits(rows, method, ids_by_label, seed)
+    untrained = _labels_without_train(rows)
+    if untrained and method == "gtzan" and split == "auto":
+        log.warning("the GTZAN split gives %s no train track here; using the hash split instead",
+                    ", ".join(untrained))
+        method = "hash"
+        _assign_splits(rows, method, ids_by_label, seed)
+    if method == "hash":
+        _give_every_label_a_train_track(rows)
 
     write_manifest(rows, out_path)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -189,4 +222,5 @@ def build_manifest(
         "splits": dict(sorted(splits.items())),
         "layout": "gtzan" if gtzan else "folder",
         "split_method": method,
+        "rejected_files": [{"track_id": r["track_id"], "reason": r["reason"]} for r in rows if r["status"] != "ok"],
     }

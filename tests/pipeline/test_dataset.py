@@ -50,9 +50,38 @@ def test_gtzan_layout_uses_artist_filtered_split(tmp_path):
     for name in ("blues.00012", "blues.00029", "blues.00000", "country.00008"):  # test, train, valid, excluded
         (tmp_path / "g" / name.split(".")[0]).mkdir(parents=True, exist_ok=True)
         sf.write(tmp_path / "g" / name.split(".")[0] / f"{name}.au", np.zeros(2205, np.float32), 22050, format="AU")
-    build_manifest(tmp_path / "g", tmp_path / "m.parquet")
+    build_manifest(tmp_path / "g", tmp_path / "m.parquet", split="gtzan")  # asked for: kept, country untrained
     got = {r["track_id"]: r["split"] for r in read_manifest(tmp_path / "m.parquet")}
     assert got == {"blues.00012": "test", "blues.00029": "train", "blues.00000": "valid", "country.00008": "excluded"}
+
+
+def test_auto_split_falls_back_to_hash_when_gtzan_lists_leave_a_label_untrained(tmp_path, caplog):
+    """3 clips a genre (as in ../shared/sample-audio): the artist-filtered lists put no blues clip in train."""
+    for name in ("blues.00000", "blues.00012", "blues.00001", "jazz.00001", "jazz.00002", "jazz.00003"):
+        (tmp_path / "g" / name.split(".")[0]).mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / "g" / name.split(".")[0] / f"{name}.au", np.zeros(2205, np.float32), 22050, format="AU")
+    gtzan = load_gtzan_split()
+    assert "train" not in {gtzan.get(f"blues.{n}", "excluded") for n in ("00000", "00012", "00001")}
+    caplog.set_level("WARNING", logger="pipeline.dataset")
+    figures = build_manifest(tmp_path / "g", tmp_path / "m.parquet")
+    assert figures["split_method"] == "hash"
+    assert any("gives blues" in r.getMessage() and "no train track" in r.getMessage() for r in caplog.records)
+    rows = read_manifest(tmp_path / "m.parquet")
+    assert {r["label"] for r in rows if r["split"] == "train"} == {"blues", "jazz"}
+
+
+def test_hash_split_gives_every_label_a_train_track(tmp_path, caplog):
+    # ids picked so that the plain hash split puts neither of label b's tracks in train
+    names = [f"t{i}" for i in range(400) if hash_split(f"b/t{i}.wav") != "train"][:2]
+    for label, stems in (("a", ["x0", "x1", "x2"]), ("b", names)):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for stem in stems:
+            sf.write(tmp_path / "d" / label / f"{stem}.wav", np.zeros(2205, np.float32), 22050)
+    caplog.set_level("WARNING", logger="pipeline.dataset")
+    build_manifest(tmp_path / "d", tmp_path / "m.parquet", split="hash")
+    rows = read_manifest(tmp_path / "m.parquet")
+    assert sum(r["split"] == "train" for r in rows if r["label"] == "b") == 1
+    assert any("label b has no train track" in r.getMessage() for r in caplog.records)
 
 
 def test_hash_split_is_stable_when_files_are_added(synth_dir, copy_tree, tmp_path):
