@@ -55,7 +55,8 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
     parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")
     parser.add_argument("--gtzan-sha256", action="append", help="accepted sha256 of that archive (repeatable)")
-    parser.add_argument("--preset", choices=["default", "choi"], default=None, help="log-mel settings")
+    parser.add_argument("--preset", choices=["default", "choi", "musicnn"], default=None,
+                        help="log-mel settings (the musicnn model needs musicnn's: chosen for it when unset)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",

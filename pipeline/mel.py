@@ -29,7 +29,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # Choi et al. 2017, "Convolutional recurrent neural networks for music classification": 96 x 1366 inputs.
     "choi": {"sr": 12000, "n_fft": 512, "hop_length": 256, "n_mels": 96, "duration_s": 29.12},
+    # Pons & Serra 2019, MSD_musicnn's input (models/musicnn.py): 16 kHz, 96 bands, log10(1 + 10000 * power).
+    "musicnn": {"sr": 16000, "n_fft": 512, "hop_length": 256, "n_mels": 96, "compression": "log10"},
 }
+# How mel power becomes the stored values: decibels (librosa.power_to_db), or musicnn's log10(1 + 10000 * power).
+COMPRESSIONS = ("db", "log10")
+_LOG10_GAIN = 10000.0
 # librosa.power_to_db's defaults, fixed here so a librosa release cannot change our features silently.
 _DB_REF, _DB_AMIN, _DB_TOP = 1.0, 1e-10, 80.0
 # Slaney's mel scale as librosa writes it: 200/3 Hz per mel up to 1 kHz, then log(6.4)/27 per mel.
@@ -46,7 +51,9 @@ class MelConfig:
     """Every parameter of the log-mel; stored in the HDF5 attributes and in model checkpoints.
 
     ``sr`` in Hz; ``n_fft`` and ``hop_length`` in samples; ``fmin``/``fmax`` in Hz (``fmax=None``: sr / 2);
-    ``duration_s``: clips are padded with zeros or cropped to this many seconds; ``dtype``: storage dtype.
+    ``duration_s``: clips are padded with zeros or cropped to this many seconds; ``dtype``: storage dtype;
+    ``compression``: ``"db"`` (``power_to_db``, dB re 1.0, floored 80 dB below the clip's maximum) or ``"log10"``
+    (``log10(1 + 10000 * power)``, what the pretrained musicnn expects).
     """
 
     sr: int = 22050
@@ -57,6 +64,7 @@ class MelConfig:
     fmin: float = 0.0
     fmax: float | None = None
     dtype: str = "float16"
+    compression: str = "db"
 
     def __post_init__(self) -> None:
         # Normalise types so that 30 and 30.0 give one cache key, then check ranges.
@@ -76,10 +84,13 @@ class MelConfig:
             raise MelsearchError(f"MelConfig needs 0 <= fmin < fmax <= sr/2, got fmin={self.fmin}, fmax={self.fmax}")
         if self.dtype not in STORAGE_DTYPES:
             raise MelsearchError(f"MelConfig.dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise MelsearchError(f"MelConfig.compression must be one of {COMPRESSIONS}, got {self.compression!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MelConfig:
-        """A named preset (``"default"``, or ``"choi"``: sr 12000, n_fft 512, hop 256, 96 mels, 29.12 s)."""
+        """A named preset: ``"default"``, ``"choi"`` (sr 12000, n_fft 512, hop 256, 96 mels, 29.12 s) or ``"musicnn"``
+        (sr 16000, n_fft 512, hop 256, 96 mels, log10 compression), with ``overrides`` of any field."""
         if name not in PRESETS:
             raise MelsearchError(f"unknown mel preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -219,7 +230,8 @@ def extract_log_mel(samples: np.ndarray, cfg: MelConfig) -> np.ndarray:
 
     Returns
     -------
-    (n_mels, 1 + n_samples // hop_length) float32, dB relative to 1.0.
+    (n_mels, 1 + n_samples // hop_length) float32: dB relative to 1.0, or ``log10(1 + 10000 * power)`` when
+    ``cfg.compression == "log10"``.
     """
     samples = np.asarray(samples)
     if samples.ndim != 1 or samples.size == 0:
@@ -231,6 +243,8 @@ def _log_mel(samples: np.ndarray, cfg: MelConfig, n_samples: int) -> np.ndarray:
     mel = _mel_power(samples, cfg, mel_plan(cfg), n_samples=n_samples)  # the cast to float32 happens here
     if not np.isfinite(mel).all():
         raise MelsearchError("samples contain NaN or infinity")
+    if cfg.compression == "log10":
+        return np.log10(np.float32(_LOG10_GAIN) * mel + np.float32(1.0))
     return _power_to_db(mel)
 
 

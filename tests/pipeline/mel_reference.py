@@ -15,7 +15,8 @@ SHORT = MelConfig(duration_s=3.0, dtype="float32")  # keeps the tests fast
 
 
 def librosa_log_mel(samples: np.ndarray, cfg: MelConfig) -> np.ndarray:
-    """The reference: librosa's melspectrogram (power 2, centred) then power_to_db with its defaults."""
+    """The reference: librosa's melspectrogram (power 2, centred) then power_to_db with its defaults, or for
+    ``compression="log10"`` musicnn's ``log10(10000 * mel + 1)`` (musicnn/extractor.py)."""
     mel = librosa.feature.melspectrogram(
         y=samples,
         sr=cfg.sr,
@@ -25,7 +26,7 @@ def librosa_log_mel(samples: np.ndarray, cfg: MelConfig) -> np.ndarray:
         fmin=cfg.fmin,
         fmax=cfg.fmax,
     )
-    return librosa.power_to_db(mel)
+    return np.log10(10000 * mel + 1) if cfg.compression == "log10" else librosa.power_to_db(mel)
 
 
 def librosa_log_mel_for_file(path: Path, cfg: MelConfig) -> np.ndarray:

@@ -70,7 +70,7 @@ def test_matches_librosa_on_synthetic_audio(
     reference = librosa_log_mel(samples, cfg)
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE_DB)
-    assert ours.max() - ours.min() > 10  # a real spectrogram, not a flat floor
+    assert ours.max() - ours.min() > (10 if cfg.compression == "db" else 1)  # a real spectrogram, not a flat floor
 
 
 @pytest.mark.parametrize(
