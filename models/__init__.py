@@ -9,11 +9,16 @@ from torch import nn
 
 from models.cifar10 import Cifar10Net
 from models.musicnn import load_pretrained_musicnn
+from models.musicnn_genre import MusicnnGenre
 from models.resnet_v2 import ResNetV2
 from pipeline.errors import MelsearchError
 
-MODELS: dict[str, type[nn.Module]] = {"cifar10": Cifar10Net, "resnet_v2": ResNetV2}
+MODELS: dict[str, type[nn.Module]] = {"cifar10": Cifar10Net, "resnet_v2": ResNetV2, "musicnn": MusicnnGenre}
 MODEL_NAMES = tuple(MODELS)
+# Trained from scratch on any log-mel; the others sit on a pretrained backbone with its own input.
+SCRATCH_MODELS = ("cifar10", "resnet_v2")
+# The features preset a model's input needs ("" = the configured [features] preset).
+MODEL_PRESETS = {"musicnn": "musicnn"}
 # Networks with published weights, not trained by the pipeline: name -> loader of the module in eval mode
 PRETRAINED: dict[str, Callable[..., nn.Module]] = {"musicnn": load_pretrained_musicnn}
 

@@ -1,9 +1,11 @@
 """The train stage: one training loop for every genre model, with checkpoints, resumption and evaluation.
 
-:func:`train_model` reads the log-mel features and the manifest's labels and splits, trains on random
-fixed-length crops (standardised per mel band with train-split statistics), keeps the epoch with the lowest
-validation loss, and evaluates a track by averaging the logits of all its non-overlapping crops. The out_dir
-it fills::
+:func:`train_model` reads the log-mel features and the manifest's labels and splits
+(:class:`~pipeline.training_data.TrainingData`), trains on random fixed-length crops, augmented (gain,
+SpecAugment masks, mixup), or, for a frozen pretrained backbone, on its outputs cached once per crop. It keeps the
+epoch with the lowest validation loss when the validation split is large enough to say
+(:data:`MIN_VALID_PER_LABEL`), else the last epoch, and evaluates a track by averaging the logits of all its
+non-overlapping crops. The out_dir it fills::
 
     checkpoints/last.pt   model, optimiser, epoch, best weights and score, history (resume from here)
     checkpoints/best.pt   best weights, their epoch and validation figures
@@ -34,14 +36,12 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from torch import nn
 from tqdm import tqdm
 
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES, MODELS, build_model
 from pipeline.errors import MelsearchError
 from pipeline.evaluate import classification_metrics, plot_confusion, plot_curves, write_history
-from pipeline.feature_store import FeatureStore
-from pipeline.inference import crop_frames, gather_crops, load_checkpoint, resolve_device, standardise, track_outputs
+from pipeline.inference import load_checkpoint, resolve_device
 from pipeline.io import atomic_path, params_key, write_json_atomic
-from pipeline.manifest import SPLITS, read_manifest
-from pipeline.mel import MelConfig
+from pipeline.training_data import TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ RESUMABLE_CHANGES = ("epochs", "patience", "checkpoint_interval")
 # The learning rate follows a cosine from lr down to this fraction of it over the configured epochs.
 _LR_FLOOR = 0.05
 _CHECKPOINT_FORMAT = 1
+# Validation tracks per label needed to choose the best epoch by validation loss (else: the last epoch).
+MIN_VALID_PER_LABEL = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class TrainConfig:
 
     ``crop_s``: length in seconds of the training crops and of the evaluation windows; ``patience``: epochs
     without a lower validation loss before stopping; ``checkpoint_interval``: epochs between ``last.pt``
-    writes; ``model_kwargs``: overrides of the model's config dataclass (e.g. ``{"dropout": 0.1}``).
+    writes; ``augment``: random gain and SpecAugment masks on training crops; ``mixup``: the Beta(a, a) parameter
+    of mixup (0: off); ``finetune``: train a pretrained backbone too (else only its head, on cached outputs);
+    ``model_kwargs``: overrides of the model's config dataclass (e.g. ``{"dropout": 0.1}``).
     """
 
     model: str
@@ -70,6 +74,9 @@ class TrainConfig:
     patience: int = 8
     seed: int = 0
     checkpoint_interval: int = 1
+    augment: bool = True
+    mixup: float = 0.2
+    finetune: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,8 @@ class TrainConfig:
                 raise MelsearchError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.weight_decay < 0:
             raise MelsearchError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.mixup < 0:
+            raise MelsearchError(f"TrainConfig.mixup must be >= 0, got {self.mixup!r}")
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,24 +103,10 @@ class TrainConfig:
         return params_key(self.to_dict())
 
 
-def _band_statistics(mels: np.ndarray, n_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (n_mels,) float32 in dB of each mel band over the frames that hold audio."""
-    total = np.zeros(mels.shape[1])
-    squares = np.zeros(mels.shape[1])
-    for mel, n in zip(mels, n_true, strict=True):
-        frames = mel[:, :n].astype(np.float64)
-        total += frames.sum(axis=1)
-        squares += (frames**2).sum(axis=1)
-    count = int(n_true.sum())
-    mean = total / count
-    # a band that never changes (silent synthetic input) would divide by zero
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0)).clip(min=1e-3)
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on a batch ``x`` (B, 1, n_mels, T) float, ``y`` (B,) int64 class indices.
+def train_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, *, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch ``x`` (B, 1, n_mels, T) float (or (B, D) for a head on cached features),
+    ``y`` (B,) int64 class indices or (B, n_classes) float class probabilities (mixup).
 
     Returns the batch's summed cross-entropy and count of correct predictions as detached 0-d tensors
     (left on the device: reading them every step would stall a GPU). ``autocast``: bf16 mixed precision.
@@ -122,7 +117,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach() * y.numel(), (logits.argmax(dim=1) == y).sum()
+    hard = y.argmax(dim=1) if y.ndim == 2 else y
+    return loss.detach() * hard.numel(), (logits.argmax(dim=1) == hard).sum()
 
 
 def _lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -154,65 +150,6 @@ def _save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _load_split_data(features_path: str | os.PathLike, manifest_path: str | os.PathLike) -> dict:
-    """Labelled ``ok`` rows of the train/valid/test splits that have features, their log-mels and labels."""
-    with FeatureStore.open(features_path) as store:
-        rows = [
-            row for row in read_manifest(manifest_path, status="ok") if row["label"] and row["split"] in SPLITS
-        ]
-        have = set(store.track_ids)
-        missing = [row["track_id"] for row in rows if row["track_id"] not in have]
-        if missing:
-            log.warning("%d labelled tracks have no features (failed to decode?), e.g. %s", len(missing), missing[0])
-        rows = [row for row in rows if row["track_id"] in have]
-        positions = store.index_of([row["track_id"] for row in rows])
-        mels = store.read(positions)  # (N, n_mels, n_frames) float32 dB
-        n_true = np.maximum(1, store.n_frames[positions])
-        mel_config = store.config
-    labels = sorted({row["label"] for row in rows})
-    split = np.array([row["split"] for row in rows])
-    if not (split == "train").any():
-        raise MelsearchError(f"{manifest_path}: no labelled train tracks with features in {features_path}")
-    if len(labels) < 2:
-        raise MelsearchError(f"{manifest_path}: training needs at least 2 labels, found {labels}")
-    untrained = sorted(set(labels) - {row["label"] for row in rows if row["split"] == "train"})
-    if untrained:
-        log.warning("labels with no train tracks (always mispredicted): %s", ", ".join(untrained))
-    return {
-        "mels": mels,
-        "n_true": n_true,
-        "y": np.array([labels.index(row["label"]) for row in rows], dtype=np.int64),
-        "split": split,
-        "labels": labels,
-        "mel_config": mel_config,
-    }
-
-
-def _place(mels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The feature tensor on the GPU when it fits in half the free memory (crops then never leave it), else CPU."""
-    data = torch.from_numpy(mels)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if data.nbytes < free // 2:
-            return data.to(device)
-        log.info("features (%.1f GB) stay in pinned CPU memory: too large for the GPU", data.nbytes / 1e9)
-        return data.pin_memory()
-    return data
-
-
-def _evaluate(model: nn.Module, data: torch.Tensor, n_true: np.ndarray, y: np.ndarray, *, crop: int,
-              batch_size: int, device: torch.device) -> tuple[float, float, np.ndarray]:
-    """Track-level mean cross-entropy and accuracy of the crop-averaged logits, and the predictions (N,)."""
-    if len(y) == 0:
-        return math.nan, math.nan, np.zeros(0, dtype=np.int64)
-    model.eval()
-    logits = track_outputs(model, data, n_true, crop=crop, batch_size=batch_size, device=device)
-    target = torch.as_tensor(y, device=device)
-    loss = F.cross_entropy(logits, target).item()
-    predicted = logits.argmax(dim=1).cpu().numpy()
-    return loss, float((predicted == y).mean()), predicted
-
-
 def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
                 cfg: TrainConfig, *, device: str = "auto",
                 progress: Callable[[int, int], None] | None = None) -> dict:
@@ -220,7 +157,7 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
 
     Parameters
     ----------
-    features_path : HDF5 log-mels from the features stage (read with :class:`FeatureStore`).
+    features_path : HDF5 log-mels from the features stage (read with :class:`pipeline.feature_store.FeatureStore`).
     manifest_path : the dataset manifest; rows with ``status == "ok"``, a label and split train/valid/test are
         used (train: fitting and normalisation; valid: best epoch and early stopping; test: the metrics).
     out_dir : the model folder; a ``checkpoints/last.pt`` there is resumed (the epoch count goes on) when it
@@ -242,9 +179,14 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
     out_dir = Path(out_dir)
     dev = _set_up_device(device)
     torch.manual_seed(cfg.seed)
-    data = _TrainingData.load(features_path, manifest_path, cfg, dev)
-    model = build_model(cfg.model, n_classes=len(data.labels), n_mels=data.mel_config.n_mels, **cfg.model_kwargs)
+    model_class = MODELS[cfg.model]
+    data = TrainingData.load(features_path, manifest_path, crop_s=cfg.crop_s, batch_size=cfg.batch_size,
+                             standardised=getattr(model_class, "standardise_input", True), dev=dev)
+    model = build_model(cfg.model, n_classes=len(data.labels), n_mels=data.mel_config.n_mels, **_model_kwargs(cfg))
     model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    if getattr(model, "frozen_backbone", False):
+        data.cache_backbone(model, dev)
+    select_by_valid = _selects_by_validation(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = {
         "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
@@ -260,10 +202,10 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
         row = _train_epoch(model, optimizer, data, cfg, epoch, dev)
         state["history"].append(row)
         state["epoch"] = epoch
-        # without a validation split the last epoch is the best one and training runs to cfg.epochs
-        if not data.subsets["valid"].size or row["valid_loss"] < state["best_loss"]:
+        # with too small a validation split the last epoch is the best one and training runs to cfg.epochs
+        if not select_by_valid or row["valid_loss"] < state["best_loss"]:
             state.update(best_epoch=epoch, bad_epochs=0,
-                         best_loss=row["valid_loss"] if data.subsets["valid"].size else math.inf)
+                         best_loss=row["valid_loss"] if select_by_valid else math.inf)
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             checkpoints.save_best(best_weights, epoch, row)
         else:
@@ -290,49 +232,26 @@ def _set_up_device(device: str) -> torch.device:
     return dev
 
 
-@dataclass
-class _TrainingData:
-    """Standardised log-mels of every labelled track, their labels, splits and the crop length.
+def _model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The model's keyword arguments: ``model_kwargs``, plus ``finetune`` for a pretrained backbone."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.finetune:
+        if not hasattr(MODELS[cfg.model], "standardise_input"):
+            raise MelsearchError(f"train.finetune applies to pretrained models (musicnn), not {cfg.model}")
+        kwargs["finetune"] = True
+    return kwargs
 
-    ``data`` (N, n_mels, T) float32 (on the GPU when it fits), ``n_true`` (N,) frames holding audio,
-    ``y`` (N,) int64 label indices, ``subsets`` split name -> row indices, ``mean``/``std`` (n_mels,) dB.
+
+def _selects_by_validation(data: TrainingData) -> bool:
+    """Whether the validation split is large enough to pick the best epoch and stop early.
+
+    A handful of validation tracks gives a loss so noisy that its minimum is often epoch 1 (measured: a 4-track
+    split kept epoch 1 and tested at chance); then the last epoch, at the end of the cosine decay, is kept.
     """
-
-    data: torch.Tensor
-    n_true: np.ndarray
-    y: np.ndarray
-    subsets: dict[str, np.ndarray]
-    labels: list[str]
-    mel_config: MelConfig
-    mean: np.ndarray
-    std: np.ndarray
-    crop: int
-    eval_batch: int
-
-    @classmethod
-    def load(cls, features_path: str | os.PathLike, manifest_path: str | os.PathLike, cfg: TrainConfig,
-             dev: torch.device) -> _TrainingData:
-        d = _load_split_data(features_path, manifest_path)
-        subsets = {name: np.flatnonzero(d["split"] == name) for name in SPLITS}
-        train_idx = subsets["train"]
-        # standardised with train-split statistics only
-        mean, std = _band_statistics(d["mels"][train_idx], d["n_true"][train_idx])
-        crop = crop_frames(d["mel_config"], cfg.crop_s)
-        log.info("%s: %s tracks, %d labels, crops of %d frames, on %s", cfg.model,
-                 {name: len(idx) for name, idx in subsets.items()}, len(d["labels"]), crop, dev)
-        return cls(data=_place(standardise(d["mels"], mean, std), dev), n_true=d["n_true"], y=d["y"],
-                   subsets=subsets, labels=d["labels"], mel_config=d["mel_config"], mean=mean, std=std, crop=crop,
-                   eval_batch=cfg.batch_size * 4)
-
-    def rows(self, idx: np.ndarray) -> torch.Tensor:
-        """The log-mels at ``idx``: (len(idx), n_mels, T) on the features' device."""
-        return self.data[torch.as_tensor(idx, device=self.data.device)]
-
-    def evaluate(self, model: nn.Module, name: str, dev: torch.device) -> tuple[float, float, np.ndarray]:
-        """Track-level loss, accuracy and predictions on split ``name``."""
-        idx = self.subsets[name]
-        return _evaluate(model, self.rows(idx), self.n_true[idx], self.y[idx], crop=self.crop,
-                         batch_size=self.eval_batch, device=dev)
+    n_valid, needed = data.subsets["valid"].size, MIN_VALID_PER_LABEL * len(data.labels)
+    if n_valid < needed:
+        log.info("%d validation tracks (< %d): keeping the last epoch, no early stopping", n_valid, needed)
+    return n_valid >= needed
 
 
 class _Checkpoints:
@@ -371,21 +290,18 @@ class _Checkpoints:
                       "optimizer": optimizer.state_dict(), "best_model": best_weights}, self.last)
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _TrainingData, cfg: TrainConfig,
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData, cfg: TrainConfig,
                  epoch: int, dev: torch.device) -> dict:
-    """One epoch of random crops, then the validation figures: the epoch's ``history.csv`` row."""
+    """One epoch of random (augmented) crops, then the validation figures: the epoch's ``history.csv`` row."""
     started = time.perf_counter()
     lr = _lr_at(cfg, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # Seeded per epoch (crops, order, dropout), so a resumed run draws what an uninterrupted one would.
+    # Seeded per epoch (crops, order, augmentation, dropout), so a resumed run draws what an uninterrupted one would.
     rng = np.random.default_rng([cfg.seed, epoch])
     torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-    train_idx, crop = data.subsets["train"], data.crop
-    # about as many crops per epoch as fit in the train audio without overlap
-    tracks = rng.permutation(np.repeat(train_idx, np.maximum(1, data.n_true[train_idx] // crop)))
-    room = np.maximum(data.n_true[tracks], crop) - crop + 1
-    starts = np.minimum(rng.integers(0, room), data.data.shape[2] - crop)
+    tracks, starts = data.draw_epoch(rng)
+    forward = model.head if data.cache is not None else model  # a frozen backbone's outputs are cached
     model.train()
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), device=dev, dtype=torch.int64)
@@ -394,9 +310,8 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Trai
     for b in tqdm(range(n_batches), desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                   disable=None):
         chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-        x = gather_crops(data.data, tracks[chunk], starts[chunk], crop, dev)
-        target = torch.as_tensor(data.y[tracks[chunk]], device=dev)
-        batch_loss, batch_correct = train_step(model, optimizer, x, target, autocast=dev.type == "cuda")
+        x, target = data.batch(tracks[chunk], starts[chunk], dev, rng, augment=cfg.augment, mixup=cfg.mixup)
+        batch_loss, batch_correct = train_step(forward, optimizer, x, target, autocast=dev.type == "cuda")
         loss_sum += batch_loss
         correct += batch_correct
     seen = len(tracks[: n_batches * cfg.batch_size])
@@ -406,7 +321,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Trai
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _write_model_folder(out_dir: Path, model: nn.Module, best_weights: dict[str, torch.Tensor], data: _TrainingData,
+def _write_model_folder(out_dir: Path, model: nn.Module, best_weights: dict[str, torch.Tensor], data: TrainingData,
                         cfg: TrainConfig, state: dict, dev: torch.device) -> dict:
     """Evaluate the best weights, then write model.pt, config.json, history, plots and metrics.json (last)."""
     labels, mel_config = data.labels, data.mel_config
@@ -415,9 +330,7 @@ def _write_model_folder(out_dir: Path, model: nn.Module, best_weights: dict[str,
     test = classification_metrics(data.y[data.subsets["test"]], test_pred, labels)
     # The embedding layers end in softplus/ReLU, so every vector is positive and, uncentred, all point nearly the
     # same way; search vectors subtract this mean of the train tracks' crop-averaged embeddings (D,).
-    train_idx = data.subsets["train"]
-    center = track_outputs(model.embed, data.rows(train_idx), data.n_true[train_idx], crop=data.crop,
-                           batch_size=data.eval_batch, device=dev).mean(dim=0)
+    center = data.track_means(model, data.subsets["train"], dev, embed=True).mean(dim=0)
     _save_atomic({k: v.detach().cpu().contiguous() for k, v in best_weights.items()}, out_dir / "model.pt")
     write_json_atomic(out_dir / "config.json", {
         "model": cfg.model,

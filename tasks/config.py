@@ -23,7 +23,7 @@ from typing import Any
 import luigi
 import luigi.configuration
 
-from models import MODEL_NAMES
+from models import MODEL_NAMES, MODEL_PRESETS
 from pipeline.errors import MelsearchError
 from pipeline.index import IndexConfig
 from pipeline.mel import PRESETS, MelConfig
@@ -112,9 +112,21 @@ def _fields_set(section: str) -> dict[str, Any]:
     return values
 
 
-def mel_config() -> MelConfig:
-    """The log-mel settings of this run: the ``[features]`` preset with the fields set over it."""
-    return MelConfig.preset(features().preset, **_fields_set("features"))
+def mel_config(model_preset: str = "") -> MelConfig:
+    """The log-mel settings of this run: the ``[features]`` preset with the fields set over it.
+
+    ``model_preset``: a model's own input (``MODEL_PRESETS``, e.g. musicnn's), which only the clip length and
+    the storage dtype of the settings may change.
+    """
+    values = _fields_set("features")
+    if model_preset:
+        return MelConfig.preset(model_preset, **{k: v for k, v in values.items() if k in ("duration_s", "dtype")})
+    return MelConfig.preset(features().preset, **values)
+
+
+def features_preset(model: str) -> str:
+    """The features preset ``model`` needs (``""``: the configured one)."""
+    return MODEL_PRESETS.get(model, "")
 
 
 def train_config(model: str) -> TrainConfig:

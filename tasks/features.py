@@ -10,19 +10,20 @@ from pipeline.io import params_key
 from pipeline.manifest import read_manifest
 from pipeline.parallel import shutdown_shared_pool
 from tasks.base import StageTask
-from tasks.config import features, mel_config
+from tasks.config import features, features_preset, mel_config
 from tasks.dataset import Dataset
 
 
 class FeaturesBase(StageTask):
     stage = "features"
+    model_preset = luigi.Parameter(default="", description="a model's own features preset ('': [features] preset)")
 
     def requires(self) -> Dataset:
         return self.clone(Dataset)
 
     @property
     def key(self) -> str:
-        return params_key([self.clone(Dataset).key, mel_config().key(), features().shard_size])
+        return params_key([self.clone(Dataset).key, mel_config(self.model_preset).key(), features().shard_size])
 
     def shards(self) -> list[list[tuple[str, str]]]:
         return shard_tracks(read_manifest(self.clone(Dataset).artifact, status="ok"), features().shard_size)
@@ -38,8 +39,8 @@ class FeatureShard(FeaturesBase):
 
     def run(self) -> None:
         tracks = self.shards()[self.shard]
-        write_feature_shard(tracks, self.output().path, mel_config(), workers=features().processes or None,
-                            progress=self.report)
+        write_feature_shard(tracks, self.output().path, mel_config(self.model_preset),
+                            workers=features().processes or None, progress=self.report)
 
 
 class Features(FeaturesBase):
@@ -52,3 +53,8 @@ class Features(FeaturesBase):
         shutdown_shared_pool()  # every shard is written: free the workers' memory for the stages after
         merge_feature_shards([t.output().path for t in shard_tasks], self.artifact)
         self.finish(feature_figures(self.artifact))
+
+
+def features_for(task: luigi.Task, model: str) -> Features:
+    """The features stage that feeds ``model`` (its own preset for a pretrained model) in ``task``'s run."""
+    return task.clone(Features, model_preset=features_preset(model))

@@ -15,10 +15,10 @@ import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.errors import MelsearchError
-from pipeline.layout import STAGES, WorkDir, read_figures
+from pipeline.layout import FIGURES_FILE, STAGES, WorkDir
 from tasks.base import StageTask
 from tasks.dataset import Dataset
-from tasks.features import Features
+from tasks.features import Features, features_for
 from tasks.search import Embeddings, Index
 from tasks.train import CompareModels, Train
 
@@ -38,8 +38,11 @@ class Pipeline(luigi.WrapperTask):
 
     def requires(self) -> list[luigi.Task]:
         source = {"workdir": self.workdir, "audio_dir": self.audio_dir, "archive": self.archive}
-        if STAGES.index(self.stage) < STAGES.index("train"):
-            return [STAGE_TASKS[self.stage](**source)]
+        if self.stage == "dataset":
+            return [Dataset(**source)]
+        if self.stage == "features":  # one per distinct input the models need
+            return list({task.task_id: task for task in (features_for(Dataset(**source), name)
+                                                          for name in self.models)}.values())
         tasks = [STAGE_TASKS[self.stage](model=name, **source) for name in self.models]
         if len(self.models) > 1:
             tasks.append(CompareModels(models=list(self.models), **source))
@@ -65,14 +68,24 @@ def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
 
 
 def clear_outputs(task: StageTask) -> None:
-    """Remove a stage task's current outputs (the dataset's extracted audio and downloads are kept)."""
+    """Remove a stage task's current outputs (the dataset's extracted audio and downloads are kept).
+
+    In a bucket work directory the bucket's objects go first, a folder's figures.json before the rest.
+    """
+    store = task.layout.store
     if isinstance(task, CompareModels):  # a file beside the model folders
+        if store is not None:
+            store.delete(task.output().path)
         Path(task.output().path).unlink(missing_ok=True)
         return
     if isinstance(task, Dataset):  # keep the extracted archive: it is the source, not a result
-        Path(task.output().path).unlink(missing_ok=True)
-        task.artifact.unlink(missing_ok=True)
+        for path in (WorkDir.figures_path(task.stage_dir), task.artifact):
+            if store is not None:
+                store.delete(path)
+            path.unlink(missing_ok=True)
         return
+    if store is not None:
+        store.delete(task.stage_dir, first=FIGURES_FILE)
     folder = task.stage_dir
     if folder.is_dir():
         trash = folder.with_name(f".{folder.name}.removing")
@@ -82,7 +95,11 @@ def clear_outputs(task: StageTask) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
-    """Hold ``<workdir>/.lock`` for a local-scheduler run; a second run on the same folder is refused at once."""
+    """Hold ``<workdir>/.lock`` for a local-scheduler run; a second run on the same folder is refused at once.
+
+    The lock is local: for an ``s3://`` work directory it guards this machine's mirror only, and runs on
+    several machines go through luigid.
+    """
     path = WorkDir(workdir).lock_file
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -170,12 +187,12 @@ def pipeline_status(
         entries = []
         for task in tasks:
             done = task.complete()
-            entry = {"done": done, "output": str(task.output().path if isinstance(task, CompareModels)
-                                                 else task.artifact)}
+            entry = {"done": done, "output": task.layout.location(task.output().path if isinstance(task, CompareModels)
+                                                                  else task.artifact)}
             if getattr(task, "model", None):
                 entry["model"] = task.model
             if done and not isinstance(task, CompareModels):
-                entry["figures"] = read_figures(task.stage_dir)
+                entry["figures"] = task.figures()
             entries.append(entry)
         status[stage] = {"done": all(e["done"] for e in entries), "outputs": entries}
     return status

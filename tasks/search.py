@@ -10,7 +10,7 @@ from pipeline.io import file_sha256, params_key
 from tasks.base import ModelStageTask
 from tasks.config import index_config, train
 from tasks.dataset import Dataset
-from tasks.features import Features
+from tasks.features import features_for
 from tasks.train import Train
 
 
@@ -20,14 +20,14 @@ class Embeddings(ModelStageTask):
     stage = "embeddings"
 
     def requires(self) -> dict[str, luigi.Task]:
-        return {"dataset": self.clone(Dataset), "features": self.clone(Features), "model": self.clone(Train)}
+        return {"dataset": self.clone(Dataset), "features": features_for(self, self.model), "model": self.clone(Train)}
 
     @property
     def key(self) -> str:
         return params_key([self.clone(Train).key])
 
     def run(self) -> None:
-        figures = write_embeddings(self.clone(Dataset).artifact, self.clone(Features).artifact,
+        figures = write_embeddings(self.clone(Dataset).artifact, features_for(self, self.model).artifact,
                                    self.clone(Train).stage_dir, self.artifact, device=train().device)
         self.finish(figures)
 

@@ -10,7 +10,7 @@ from pipeline.train import train_model
 from tasks.base import ModelStageTask, StageTask
 from tasks.config import train, train_config
 from tasks.dataset import Dataset
-from tasks.features import Features
+from tasks.features import features_for
 
 
 class Train(ModelStageTask):
@@ -23,14 +23,14 @@ class Train(ModelStageTask):
     resources = {"gpu": 1}
 
     def requires(self) -> dict[str, luigi.Task]:
-        return {"features": self.clone(Features), "dataset": self.clone(Dataset)}
+        return {"features": features_for(self, self.model), "dataset": self.clone(Dataset)}
 
     @property
     def key(self) -> str:
-        return params_key([self.clone(Features).key, train_config(self.model).to_dict()])
+        return params_key([features_for(self, self.model).key, train_config(self.model).to_dict()])
 
     def run(self) -> None:
-        metrics = train_model(self.clone(Features).artifact, self.clone(Dataset).artifact, self.stage_dir,
+        metrics = train_model(features_for(self, self.model).artifact, self.clone(Dataset).artifact, self.stage_dir,
                               train_config(self.model), device=train().device, progress=self.report)
         self.finish(metrics)
 

@@ -1,4 +1,5 @@
-"""Tests for the model registry and both networks: shapes over input sizes, embeddings, checkpoints, learning."""
+"""Tests for the model registry, the two networks trained from scratch (shapes over input sizes, embeddings,
+checkpoints, learning) and the genre model over the frozen pretrained musicnn."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from models import MODEL_NAMES, MODELS, build_model
+from models import MODEL_NAMES, MODEL_PRESETS, MODELS, SCRATCH_MODELS, build_model
 from models.cifar10 import Cifar10Net
+from models.musicnn import load_pretrained_musicnn
+from models.musicnn_genre import VECTORS, MusicnnGenre
 from models.resnet_v2 import ResNetV2
 from pipeline.errors import MelsearchError
 
@@ -22,11 +25,12 @@ def _seed() -> None:
 
 
 def test_registry() -> None:
-    assert MODEL_NAMES == ("cifar10", "resnet_v2")
-    assert MODELS == {"cifar10": Cifar10Net, "resnet_v2": ResNetV2}
+    assert MODEL_NAMES == ("cifar10", "resnet_v2", "musicnn")
+    assert MODELS == {"cifar10": Cifar10Net, "resnet_v2": ResNetV2, "musicnn": MusicnnGenre}
+    assert SCRATCH_MODELS == ("cifar10", "resnet_v2") and MODEL_PRESETS == {"musicnn": "musicnn"}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", SCRATCH_MODELS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_output_and_embedding_shapes(name: str, shape: tuple[int, int]) -> None:
     model = build_model(name, n_classes=7, n_mels=shape[0]).eval()
@@ -96,7 +100,7 @@ def test_bad_arguments_raise_melsearch_error(name: str, kwargs: dict, message: s
         build_model(name, n_classes=4, **kwargs)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", SCRATCH_MODELS)
 def test_state_dict_round_trip(name: str, tmp_path) -> None:
     model = build_model(name, n_classes=5, n_mels=40)
     # move batch-norm statistics off their initial values so the round trip covers buffers too
@@ -114,7 +118,7 @@ def test_state_dict_round_trip(name: str, tmp_path) -> None:
     torch.testing.assert_close(fresh.embed(x), model.embed(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", SCRATCH_MODELS)
 def test_learns_a_fixed_batch(name: str) -> None:
     model = build_model(name, n_classes=3, n_mels=32)
     x, y = torch.randn(12, 1, 32, 40), torch.arange(12) % 3
@@ -128,3 +132,31 @@ def test_learns_a_fixed_batch(name: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("vector", sorted(VECTORS))
+def test_musicnn_genre_embeds_with_the_frozen_pretrained_backbone(vector: str) -> None:
+    model = build_model("musicnn", n_classes=4, n_mels=96, vector=vector).eval()
+    reference = load_pretrained_musicnn().eval()
+    x = torch.randn(3, 1, 96, 187) + 1.0
+    with torch.no_grad():
+        embedding, logits = model.embed(x), model(x)
+        features = reference.features(x)
+        expected = torch.cat([features["max_pool"], features["mean_pool"]], 1) if vector == "pooled" else \
+            features[vector]
+    assert embedding.shape == (3, VECTORS[vector]) == (3, model.embedding_dim) and logits.shape == (3, 4)
+    torch.testing.assert_close(embedding, expected, rtol=0, atol=0)  # the published weights, untouched
+    torch.testing.assert_close(model.head(embedding), logits)
+    assert model.frozen_backbone and not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    model.train()
+    assert not model.backbone.training  # frozen: its batch norms keep the MSD statistics
+
+
+def test_musicnn_genre_finetune_and_bad_arguments() -> None:
+    model = build_model("musicnn", n_classes=2, n_mels=96, finetune=True)
+    assert not model.frozen_backbone and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(MelsearchError, match="reads 96 mel bands"):
+        build_model("musicnn", n_classes=2, n_mels=128)
+    with pytest.raises(MelsearchError, match="unknown musicnn vector"):
+        build_model("musicnn", n_classes=2, n_mels=96, vector="nope")

@@ -252,11 +252,13 @@ def test_no_train_rows_is_an_error(data, tmp_path) -> None:
 def test_train_config() -> None:
     cfg = TrainConfig(model="cifar10")
     assert cfg.to_dict() == {"model": "cifar10", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
-                             "crop_s": 3.0, "patience": 8, "seed": 0, "checkpoint_interval": 1, "model_kwargs": {}}
+                             "crop_s": 3.0, "patience": 8, "seed": 0, "checkpoint_interval": 1, "augment": True,
+                             "mixup": 0.2, "finetune": False, "model_kwargs": {}}
     assert TrainConfig(**cfg.to_dict()) == cfg and TrainConfig(**cfg.to_dict()).key() == cfg.key()
     assert TrainConfig(model="cifar10", lr=2e-3).key() != cfg.key()
     for bad in ({"model": "vgg"}, {"model": "cifar10", "epochs": 0}, {"model": "cifar10", "crop_s": 0},
-                {"model": "cifar10", "lr": -1.0}, {"model": "cifar10", "checkpoint_interval": 0}):
+                {"model": "cifar10", "lr": -1.0}, {"model": "cifar10", "checkpoint_interval": 0},
+                {"model": "cifar10", "mixup": -0.1}):
         with pytest.raises(MelsearchError):
             TrainConfig(**bad)
 
@@ -290,3 +292,63 @@ def test_model_comparison_plot(trained, tmp_path) -> None:
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(MelsearchError, match="no training history"):
         plot_model_comparison([tmp_path / "nothing-here"], tmp_path / "x.png")
+
+
+# --- small data: augmentation, model selection, a head on the frozen pretrained musicnn -------------------------
+
+
+def test_augmented_batches_keep_shapes_and_mix_labels(data) -> None:
+    from pipeline.training_data import TrainingData
+
+    d = TrainingData.load(data["features"], data["manifest"], crop_s=1.0, batch_size=8, standardised=True,
+                          dev=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    tracks, starts = d.draw_epoch(rng)
+    plain, y = d.batch(tracks[:8], starts[:8], torch.device("cpu"), rng, augment=False, mixup=0.0)
+    rng = np.random.default_rng(0)
+    d.draw_epoch(rng)
+    augmented, soft = d.batch(tracks[:8], starts[:8], torch.device("cpu"), rng, augment=True, mixup=0.4)
+    assert plain.shape == augmented.shape == (8, 1, MEL.n_mels, d.crop) and y.dtype == torch.int64
+    assert soft.shape == (8, 4) and torch.allclose(soft.sum(dim=1), torch.ones(8))
+    assert not torch.allclose(plain, augmented)
+
+
+def test_a_tiny_validation_split_keeps_the_last_epoch(tmp_path, data, caplog) -> None:
+    """2 validation tracks for 4 labels: their loss says nothing, so training runs on and keeps the last epoch."""
+    from pipeline.manifest import read_manifest
+
+    rows = read_manifest(data["manifest"])
+    valid = [row for row in rows if row["split"] == "valid"]
+    for row in valid[2:]:
+        row["split"] = "train"
+    write_manifest(rows, tmp_path / "manifest.parquet")
+    caplog.set_level("INFO", logger="pipeline.train")
+    metrics = train_model(data["features"], tmp_path / "manifest.parquet", tmp_path / "m",
+                          TrainConfig(model="cifar10", epochs=3, patience=1, **FAST), device="cpu")
+    assert metrics["best_epoch"] == metrics["epochs_run"] == 3 and metrics["tracks"]["valid"] == 2
+    assert "keeping the last epoch" in caplog.text
+
+
+def test_musicnn_head_trains_on_cached_backbone_outputs(tmp_path) -> None:
+    from models.musicnn import load_pretrained_musicnn
+    from pipeline.classifier import GenreClassifier
+    from pipeline.feature_shards import write_feature_shard
+    from pipeline.synth import write_synthetic_dataset
+
+    cfg = MelConfig.preset("musicnn", duration_s=3.0, dtype="float32")
+    paths = write_synthetic_dataset(tmp_path / "audio", n_per_class=8, seconds=3.0, sr=16000, n_classes=3, seed=2)
+    rows = [{"track_id": p.stem, "path": str(p), "label": p.parent.name,
+             "split": "train" if int(p.stem.split(".")[1]) < 6 else "test", "duration_s": 3.0, "sample_rate": 16000,
+             "channels": 1, "status": "ok", "reason": ""} for p in sorted(paths)]
+    write_manifest(rows, tmp_path / "manifest.parquet")
+    write_feature_shard([(r["track_id"], r["path"]) for r in rows], tmp_path / "f.h5", cfg, workers=1)
+    metrics = train_model(tmp_path / "f.h5", tmp_path / "manifest.parquet", tmp_path / "musicnn",
+                          TrainConfig(model="musicnn", epochs=15, batch_size=8, lr=1e-2), device="cpu")
+    assert metrics["test_accuracy"] >= 2 / 3  # chance is 1/3
+    config = json.loads((tmp_path / "musicnn" / "config.json").read_text())
+    assert config["norm_mean"] == [0.0] * 96 and config["norm_std"] == [1.0] * 96  # musicnn reads raw log-mels
+    trained = torch.load(tmp_path / "musicnn" / "model.pt", weights_only=True)
+    for name, tensor in load_pretrained_musicnn().state_dict().items():
+        torch.testing.assert_close(trained[f"backbone.{name}"], tensor, rtol=0, atol=0)  # frozen: untouched
+    classifier = GenreClassifier.load(tmp_path / "musicnn")
+    assert classifier.predict(rows[-1]["path"])["label"] in classifier.labels and classifier.embedding_dim == 753
