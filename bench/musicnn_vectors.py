@@ -17,8 +17,10 @@ collection's statistics include the query (as they would in a built index).
 Scores: genre precision@10 by :func:`pipeline.index.genre_precision_at_k` (every clip a query, itself
 excluded, exact cosine search among all other clips), +- its standard error over queries, and precision at R
 (R = other clips of the query's genre, the R-precision of a balanced collection: 2 in the GTZAN sample,
-where precision@10 can reach at most 0.2). Chance and ceiling are printed under each table. Features are
-cached in ``bench/out/`` (keyed by the folder's fingerprint). Prints figures, asserts nothing.
+where precision@10 can reach at most 0.2). The last two columns compare each raw vector with the first row
+query by query (the paired difference has a much smaller error than either figure). Chance and ceiling are
+printed under each table. Features are cached in ``bench/out/`` (keyed by the folder's fingerprint). Prints
+figures, asserts nothing.
 
     python bench/musicnn_vectors.py                       # /work/shared/sample-audio and emotify-audio
     python bench/musicnn_vectors.py --audio-dir ~/Music   # labels are the top-level sub-folders
@@ -114,13 +116,17 @@ def normalised(vectors: np.ndarray, how: str) -> np.ndarray:
     return l2_normalise(vectors.astype(np.float32))
 
 
-def precision(vectors: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
-    """Leave-one-out genre precision@k over all clips: (the pipeline's figure, its standard error over queries)."""
+def precision(vectors: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """Leave-one-out genre precision@k over all clips: (the pipeline's figure, (N,) the same per query)."""
     mean = genre_precision_at_k(vectors, labels.tolist(), k=k, max_queries=len(labels))[f"genre_precision_at_{k}"]
     queries = np.arange(len(labels))
     ids, _ = exact_neighbours(vectors, vectors, k, exclude=queries)
-    hits = (labels[ids] == labels[:, None]).mean(axis=1)  # (N,) the same figure per query
-    return mean, float(hits.std(ddof=1) / np.sqrt(len(hits)))
+    return mean, (labels[ids] == labels[:, None]).mean(axis=1)
+
+
+def se(values: np.ndarray) -> float:
+    """Standard error of the mean of (N,) per-query values."""
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def table(folder: Path, labels: list[str], vectors: dict[str, np.ndarray]) -> None:
@@ -129,19 +135,25 @@ def table(folder: Path, labels: list[str], vectors: dict[str, np.ndarray]) -> No
     counts = Counter(labels)
     r = min(counts.values()) - 1
     n = len(labels)
-    head = [f"P@{K} {how}" for how in NORMS] + [f"P@{r} {how}" for how in NORMS]
+    head = [f"P@{K} {how}" for how in NORMS] + [f"P@{r} {how}" for how in NORMS] + [f"dP@{K}", f"dP@{r}"]
     print(f"\n{folder} - {n} clips, {len(counts)} genres ({', '.join(f'{g} {c}' for g, c in sorted(counts.items()))})")
     print(f"{'vector':38s} {'dim':>5s} " + " ".join(f"{h:>13s}" for h in head))
+    first: dict[int, np.ndarray] = {}
     for name, key in VECTORS:
         cells = []
         for k in (K, r):
             for how in NORMS:
-                mean, se = precision(normalised(vectors[key], how), labels_arr, k)
-                cells.append(f"{mean:.3f}+-{se:.3f}")
+                mean, hits = precision(normalised(vectors[key], how), labels_arr, k)
+                cells.append(f"{mean:.3f}+-{se(hits):.3f}")
+        for k in (K, r):  # paired difference of the raw figure to the first row's, query by query
+            hits = precision(normalised(vectors[key], "raw"), labels_arr, k)[1]
+            first.setdefault(k, hits)
+            cells.append(f"{(hits - first[k]).mean():+.3f}+-{se(hits - first[k]):.3f}")
         print(f"{name:38s} {vectors[key].shape[1]:5d} " + " ".join(f"{c:>13s}" for c in cells))
     chance = sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
     ceiling = np.mean([min(K, counts[g] - 1) / K for g in labels])
-    print(f"chance (random neighbours): {chance:.3f}; ceiling of P@{K}: {ceiling:.3f}, of P@{r}: 1.000")
+    print(f"chance (random neighbours): {chance:.3f}; ceiling of P@{K}: {ceiling:.3f}, of P@{r}: 1.000; "
+          f"dP: raw figure minus the first row's, paired by query (+- its standard error)")
 
 
 def main(argv: list[str] | None = None) -> None:
