@@ -351,4 +351,4 @@ def test_musicnn_head_trains_on_cached_backbone_outputs(tmp_path) -> None:
     for name, tensor in load_pretrained_musicnn().state_dict().items():
         torch.testing.assert_close(trained[f"backbone.{name}"], tensor, rtol=0, atol=0)  # frozen: untouched
     classifier = GenreClassifier.load(tmp_path / "musicnn")
-    assert classifier.predict(rows[-1]["path"])["label"] in classifier.labels and classifier.embedding_dim == 753
+    assert classifier.predict(rows[-1]["path"])["label"] in classifier.labels and classifier.embedding_dim == 200
