@@ -38,9 +38,20 @@ log = logging.getLogger(__name__)
 
 METRIC = "angular"
 INDEX_FILE, IDS_FILE, META_FILE, MAP_FILE = "index.ann", "ids.parquet", "meta.json", "embedding_map.png"
-# search_k=-1 means this many nodes per tree per neighbour asked for. Annoy's own default (1) gives recall@10
-# of 0.88-0.97 on diffuse 1000 x 256 clusters; 10 gives >= 0.99 and still well under a millisecond at 1M items.
+# An index whose meta.json holds search_k -1 (built before the sizing rule below recorded the value it chose)
+# inspects this many nodes per tree per neighbour asked for. Annoy's own default (1) gives recall@10 of
+# 0.88-0.97 on diffuse 1000 x 256 clusters; 10 gives >= 0.99 up to ~100k items but 0.95 at 1M.
 AUTO_SEARCH_K_PER_TREE = 10
+# n_trees / search_k of -1: chosen from the number of items by :func:`auto_index_params`.
+AUTO = -1
+# Sizing rule (bench/query.py, clustered 512-d vectors, recall@10 vs exact search): 50 trees with
+# search_k 5000 give 0.993 at 100k items but 0.950 at 1M, so the nodes to inspect must grow with the set;
+# 20 * k * cbrt(N) (9.2k at 100k, 20k at 1M) keeps recall >= 0.996 and p50 at a few milliseconds. Above
+# 100k items 25 trees' recall at that search_k is within 0.002 of 50 trees' for less build time (100k: 10 s
+# against 16 s) and an 11% smaller file at 512-d (the trees' share is larger at 200-d, where leaves hold fewer
+# items), so large sets get 25; small ones keep 50, which costs nothing there and keeps GTZAN-sized indexes as before.
+AUTO_TREES_SMALL, AUTO_TREES_LARGE, AUTO_TREES_LARGE_FROM = 50, 25, 100_001
+AUTO_SEARCH_K_PER_NEIGHBOUR_CBRT = 20
 # Below this many items a one-thread build takes milliseconds and is byte-identical across runs; Annoy's
 # threaded build is not (trees land in thread order), so n_jobs=-1 uses every core only above it.
 PARALLEL_BUILD_MIN_ITEMS = 100_000
@@ -55,17 +66,18 @@ _MAP_POINTS = 20_000
 class IndexConfig:
     """Annoy settings; ``key()`` is part of the index folder's name.
 
-    ``n_trees``: trees in the forest (more: better recall, bigger file); ``search_k``: nodes inspected per query,
-    -1 for ``n_trees * k * 10`` (see :func:`effective_search_k`); ``seed``: Annoy's seed and the figures' sample.
+    ``n_trees``: trees in the forest (more: better recall, bigger file, slower build); ``search_k``: nodes
+    inspected per query (more: better recall, slower query); -1 for either: chosen from the number of items
+    (:func:`auto_index_params`); ``seed``: Annoy's seed and the figures' sample.
     """
 
-    n_trees: int = 50
-    search_k: int = -1
+    n_trees: int = AUTO
+    search_k: int = AUTO
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_trees < 1:
-            raise MelsearchError(f"IndexConfig.n_trees must be >= 1, got {self.n_trees}")
+        if self.n_trees == 0 or self.n_trees < AUTO:
+            raise MelsearchError(f"IndexConfig.n_trees must be -1 or >= 1, got {self.n_trees}")
         if self.search_k == 0 or self.search_k < -1:
             raise MelsearchError(f"IndexConfig.search_k must be -1 or > 0, got {self.search_k}")
 
@@ -75,8 +87,38 @@ class IndexConfig:
 
 
 def effective_search_k(search_k: int, n_trees: int, k: int) -> int:
-    """Nodes Annoy inspects to find ``k`` neighbours: ``search_k``, or for -1 ``n_trees * k * 10``."""
+    """Nodes Annoy inspects to find ``k`` neighbours: ``search_k``, or for -1 ``n_trees * k * 10``.
+
+    New indexes record the ``search_k`` that :func:`auto_index_params` chose, so -1 comes only from a
+    meta.json written before the sizing rule.
+    """
     return search_k if search_k > 0 else n_trees * k * AUTO_SEARCH_K_PER_TREE
+
+
+def auto_index_params(count: int, *, n_trees: int = AUTO, search_k: int = AUTO, k: int = 10) -> tuple[int, int]:
+    """``(n_trees, search_k)`` for an index of ``count`` items: explicit values kept, -1 chosen from ``count``.
+
+    Parameters
+    ----------
+    count : items in the index.
+    n_trees : -1: 50 trees up to 100k items, 25 above (see ``AUTO_TREES_*``); else kept.
+    search_k : -1: ``max(n_trees * k * 10, 20 * k * floor(cbrt(count)))``, i.e. the old per-tree default up to
+        ~16k items (k=10), growing as the cube root beyond it, for recall@k >= 0.99 up to 1M items; else kept.
+    k : neighbours the search_k is sized for (the figures' and the query helper's 10).
+
+    Returns
+    -------
+    n_trees, search_k : both >= 1.
+    """
+    if n_trees == AUTO:
+        n_trees = AUTO_TREES_LARGE if count >= AUTO_TREES_LARGE_FROM else AUTO_TREES_SMALL
+    if search_k == AUTO:
+        # integer cube root by a float estimate corrected both ways, so the rule is exact for every count
+        root = round(max(count, 0) ** (1 / 3))
+        root += (root + 1) ** 3 <= count
+        root -= root**3 > count
+        search_k = max(n_trees * k * AUTO_SEARCH_K_PER_TREE, AUTO_SEARCH_K_PER_NEIGHBOUR_CBRT * k * root)
+    return n_trees, search_k
 
 
 def angular_distance(similarity: np.ndarray) -> np.ndarray:
@@ -275,8 +317,8 @@ def build_annoy_index(
     embeddings_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    n_trees: int = 50,
-    search_k: int = -1,
+    n_trees: int = AUTO,
+    search_k: int = AUTO,
     seed: int = 0,
     n_jobs: int = -1,
     added: str | os.PathLike | None = None,
@@ -287,8 +329,9 @@ def build_annoy_index(
     ----------
     embeddings_path : Parquet written by :func:`pipeline.embeddings.write_embeddings`.
     out_dir : the index folder; written to a temporary folder and renamed, so it is complete or absent.
-    n_trees : Annoy trees (more: better recall, bigger file).
-    search_k : nodes inspected per query; -1: ``n_trees * k * 10`` (see :func:`effective_search_k`).
+    n_trees : Annoy trees (more: better recall, bigger file); -1: chosen from the number of items.
+    search_k : nodes inspected per query; -1: chosen from the number of items (and trees), for k=10.
+        The values used (:func:`auto_index_params`) are what meta.json records, so queries use them too.
     seed : Annoy's random seed and the figures' query sample.
     n_jobs : build threads; -1: all cores for large sets, one (reproducible bytes) below 100k items.
     added : a side table of songs added since (:meth:`MusicSearch.index_audio`) to fold in, when it exists;
@@ -296,11 +339,14 @@ def build_annoy_index(
 
     Returns
     -------
-    figures : ``count``, ``added`` (side-table songs folded in), ``recall_at_10``, ``recall_queries``,
+    figures : ``count``, ``added`` (side-table songs folded in), ``n_trees`` and ``search_k`` (as chosen),
+        ``recall_at_10``, ``recall_queries``,
         ``genre_precision_at_10``, ``precision_queries``, ``genre_precision_by_genre``; also in meta.json.
     """
-    if n_trees < 1:
-        raise MelsearchError(f"n_trees must be >= 1, got {n_trees}")
+    if n_trees == 0 or n_trees < AUTO:
+        raise MelsearchError(f"n_trees must be -1 (auto) or >= 1, got {n_trees}")
+    if search_k == 0 or search_k < AUTO:
+        raise MelsearchError(f"search_k must be -1 (auto) or >= 1, got {search_k}")
     out_dir = Path(out_dir)
     meta = embeddings_metadata(embeddings_path)
     rows, vectors = read_embeddings(embeddings_path)
@@ -312,20 +358,21 @@ def build_annoy_index(
     duplicates = len(rows) - len({row["track_id"] for row in rows})
     if duplicates:
         raise MelsearchError(f"{embeddings_path}: {duplicates} duplicate track id(s)")
+    n_trees, search_k = auto_index_params(len(rows), n_trees=n_trees, search_k=search_k, k=10)
 
     started = time.perf_counter()
     with atomic_path(out_dir, is_dir=True) as tmp:
         index = build_annoy(vectors, tmp / INDEX_FILE, n_trees=n_trees, seed=seed, n_jobs=n_jobs)
-        log.info("built %d trees over %d x %d in %.2f s", n_trees, *vectors.shape, time.perf_counter() - started)
+        log.info("built %d trees over %d x %d in %.2f s (search_k %d)", n_trees, *vectors.shape,
+                 time.perf_counter() - started, search_k)
         rng = np.random.default_rng(seed)
         queries = np.sort(rng.choice(len(rows), size=min(FIGURE_QUERIES, len(rows)), replace=False))
         figures = {
             "count": len(rows),
             "added": len(rows) - n_embedded,
-            "recall_at_10": round(
-                recall_at_k(index, vectors, k=10, search_k=effective_search_k(search_k, n_trees, 10), queries=queries),
-                4,
-            ),
+            "n_trees": n_trees,
+            "search_k": search_k,
+            "recall_at_10": round(recall_at_k(index, vectors, k=10, search_k=search_k, queries=queries), 4),
             "recall_queries": len(queries),
             **genre_precision_at_k(vectors, [row["label"] for row in rows], k=10, seed=seed),
         }

@@ -12,11 +12,14 @@ import pytest
 from pipeline.embeddings import read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.index import (
+    AUTO,
     IDS_FILE,
     INDEX_FILE,
     MAP_FILE,
     META_FILE,
+    IndexConfig,
     angular_distance,
+    auto_index_params,
     build_annoy_index,
     effective_search_k,
     exact_neighbours,
@@ -219,3 +222,55 @@ def test_errors_are_one_line(tmp_path, rng):
     for exc in (missing, junk):
         assert "\n" not in str(exc.value)
     assert not (tmp_path / "index" / "m").exists()
+
+
+@pytest.mark.parametrize(("count", "expected"), [
+    (1, (50, 5000)), (1000, (50, 5000)), (15_000, (50, 5000)),  # the per-tree default up to ~16k items
+    (20_000, (50, 5400)), (26_999, (50, 5800)), (27_000, (50, 6000)),  # 20 * k * floor(cbrt(N)), exact at cubes
+    (100_000, (50, 9200)), (100_001, (25, 9200)), (1_000_000, (25, 20_000)),
+])
+def test_auto_index_params_by_size(count, expected):
+    assert auto_index_params(count) == expected
+    assert auto_index_params(count, n_trees=AUTO, search_k=AUTO, k=10) == expected
+
+
+def test_explicit_index_params_are_kept(tmp_path, rng):
+    assert auto_index_params(1_000_000, n_trees=10, search_k=1234) == (10, 1234)
+    assert auto_index_params(1_000_000, n_trees=10) == (10, 20_000)
+    assert auto_index_params(1000, n_trees=80) == (80, 8000)  # the per-tree floor follows the trees given
+    assert auto_index_params(1_000_000, search_k=777) == (25, 777)
+    assert IndexConfig() == IndexConfig(n_trees=AUTO, search_k=AUTO)
+    assert IndexConfig(n_trees=7, search_k=99).n_trees == 7
+    for bad in ({"n_trees": 0}, {"n_trees": -2}, {"search_k": -5}):
+        with pytest.raises(MelsearchError):
+            IndexConfig(**bad)
+
+    vectors, genre = clustered(rng, 120, 16, 3, 0.5)
+    write_vectors(tmp_path / "e.parquet", vectors, genre)
+    figures = build_annoy_index(tmp_path / "e.parquet", tmp_path / "index" / "x", n_trees=3, search_k=70)
+    meta = json.loads((tmp_path / "index" / "x" / META_FILE).read_text())
+    assert (figures["n_trees"], figures["search_k"], meta["n_trees"], meta["search_k"]) == (3, 70, 3, 70)
+    with pytest.raises(MelsearchError, match="search_k"):
+        build_annoy_index(tmp_path / "e.parquet", tmp_path / "index" / "y", search_k=0)
+
+
+def low_rank_clustered(rng: np.random.Generator, n: int, dim: int, *, latent: int = 16) -> np.ndarray:
+    """Unit vectors with few degrees of freedom, like bench/query.py's (clusters in a latent space, ReLU)."""
+    centres = 2 * rng.standard_normal((10, latent))
+    mixing = rng.standard_normal((latent, dim)) / np.sqrt(latent)
+    z = centres[rng.integers(0, 10, n)] + rng.standard_normal((n, latent))
+    return l2_normalise((np.maximum(z @ mixing, 0) + 0.05 * np.abs(rng.standard_normal((n, dim)))).astype(np.float32))
+
+
+def test_auto_sized_index_keeps_recall_at_10_on_20k_vectors_and_records_its_values(tmp_path, rng):
+    vectors = low_rank_clustered(rng, 20_000, 64)
+    genre = rng.integers(0, 10, len(vectors))
+    write_vectors(tmp_path / "e.parquet", vectors, genre)
+    out = tmp_path / "index" / "m"
+    figures = build_annoy_index(tmp_path / "e.parquet", out)
+    assert (figures["n_trees"], figures["search_k"]) == auto_index_params(20_000) == (50, 5400)
+    assert figures["recall_at_10"] >= 0.99 and figures["recall_queries"] == 500
+    # the query helper asks effective_search_k with the recorded values: it gets what the figures measured
+    meta = json.loads((out / META_FILE).read_text())
+    assert (meta["n_trees"], meta["search_k"]) == (50, 5400)
+    assert effective_search_k(meta["search_k"], meta["n_trees"], 11) == 5400
