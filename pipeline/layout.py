@@ -20,6 +20,10 @@ Each ``<key>`` is a short hash of the settings and upstream keys that shaped the
 headline figures to ``figures.json`` last: that file marks the folder finished. Readers (``predict``,
 ``query``, ``serve``) take the folder the settings name when they know them, else the one ``latest-run.json``
 names, else the newest finished one, and say which.
+
+A work directory may also be ``s3://BUCKET/PREFIX`` (see :mod:`pipeline.storage`): every path here is then
+in its local mirror, stages upload their folders when finished (``figures.json`` last), and the readers'
+folders are downloaded from the bucket when chosen.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import MelsearchError
 from pipeline.io import write_json_atomic
+from pipeline.storage import S3Store, is_remote, open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +50,24 @@ ARTIFACTS = {"dataset": "manifest.parquet", "features": "features.h5", "train": 
              "index": ""}
 # The file a stage's library writer puts last in its folder: a folder built without Luigi counts once it is there.
 WRITTEN_LAST = {**ARTIFACTS, "train": "metrics.json", "index": "meta.json"}
+# What readers of a folder in a bucket do not download: a model's checkpoints serve only to resume training.
+NOT_READ = {"train": ("checkpoints",)}
 
 
 class WorkDir:
-    """Paths in one work directory (local; nothing is created until a stage writes)."""
+    """Paths in one work directory (nothing is created until a stage writes).
+
+    ``root`` is a local folder, or ``s3://BUCKET/PREFIX``: then ``root`` is its local mirror and ``store``
+    the :class:`pipeline.storage.S3Store` that moves files between the two (None for a local folder).
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.store: S3Store | None = open_store(str(root)) if is_remote(root) else None
+        self.root = self.store.local if self.store is not None else Path(root)
+
+    def location(self, path: str | os.PathLike) -> str:
+        """How to name ``path`` to a user: its ``s3://`` address in a bucket work directory, else the path."""
+        return self.store.uri_of(path) if self.store is not None else str(path)
 
     def stage_dir(self, stage: str, key: str, model: str | None = None) -> Path:
         """``<root>/<stage>/<key>``, or ``<root>/<stage>/<model>-<key>`` for the per-model stages."""
@@ -98,9 +115,13 @@ class WorkDir:
         """
         if self.read_run_record() != folders:
             write_json_atomic(self.run_record, folders)
+            if self.store is not None:
+                self.store.upload(self.run_record)
 
     def read_run_record(self) -> dict[str, dict[str, str]]:
         """``latest-run.json``'s folders, or ``{}`` when there is none (or it is unreadable)."""
+        if self.store is not None and not self.store.download(self.run_record):
+            return {}
         try:
             record = json.loads(self.run_record.read_text())
         except (OSError, ValueError):
@@ -114,23 +135,51 @@ class WorkDir:
     def choose(self, stage: str, model: str | None = None) -> tuple[Path, str]:
         """The finished ``stage`` folder to read and why: the latest run's, else the newest finished one.
 
-        Raises MelsearchError when no finished folder exists.
+        In a bucket work directory the choice is made from the bucket, and the folder is downloaded into the
+        mirror (but for the sub-folders in ``NOT_READ``). Raises MelsearchError when no finished folder exists.
         """
+        folder, why = self._choose(stage, model)
+        if self.store is not None:
+            self.store.download_folder(folder, exclude=NOT_READ.get(stage, ()))
+        return folder, why
+
+    def fetch_index(self, model: str | None = None) -> tuple[Path, str]:
+        """:meth:`choose` the index; from a bucket, also download what its readers open beside it.
+
+        That is the model folder that built it (``train/<model_key>``) and its side table of added songs.
+        """
+        index_dir, why = self.choose("index", model)
+        if self.store is not None:
+            model_key = json.loads((index_dir / WRITTEN_LAST["index"]).read_text()).get("model_key", "")
+            if model_key:
+                self.store.download_folder(self.root / "train" / model_key, exclude=NOT_READ["train"])
+                self.store.download(self.added_table(model_key))
+        return index_dir, why
+
+    def _choose(self, stage: str, model: str | None) -> tuple[Path, str]:
         recorded = self._recorded(stage, model)
         if recorded is not None:
             return recorded, f"the latest run's ({RUN_RECORD})"
         marker = WRITTEN_LAST[stage]
         pattern = f"{model}-*/{marker}" if model else f"*/{marker}"
-        found = sorted((self.root / stage).glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+        if self.store is None:
+            found = sorted((self.root / stage).glob(pattern), key=lambda p: p.stat().st_mtime_ns)
+        else:
+            listing = self.store.listing(self.root / stage)
+            found = sorted((path for path in listing if fnmatch(path.relative_to(self.root / stage).as_posix(),
+                                                                 pattern) and path.parent.parent.name == stage),
+                           key=lambda path: listing[path].modified)
         if not found:
             what = f"{model} " if model else ""
-            raise MelsearchError(f"{self.root / stage}: no finished {what}{stage} here (run the pipeline first)")
+            raise MelsearchError(f"{self.location(self.root / stage)}: no finished {what}{stage} here "
+                                 "(run the pipeline first)")
         return found[-1].parent, f"the newest finished (no {RUN_RECORD} names one)"
 
     def _recorded(self, stage: str, model: str | None) -> Path | None:
         by_model = self.read_run_record().get(stage, {})
         names = [by_model[model]] if model in by_model else [] if model else list(by_model.values())[:1]
-        folders = [self.root / name for name in names if (self.root / name / WRITTEN_LAST[stage]).is_file()]
+        exists = Path.is_file if self.store is None else self.store.exists
+        folders = [self.root / name for name in names if exists(self.root / name / WRITTEN_LAST[stage])]
         return folders[0] if folders else None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import re
 import shutil
 import sys
@@ -392,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.index_dir:
             index_dir = Path(args.index_dir).expanduser()
         else:
-            index_dir, why = WorkDir(Path(args.workdir).expanduser()).choose("index", args.model)
+            # a bucket's index is fetched into the local cache, with the model folder that built it
+            index_dir, why = WorkDir(os.path.expanduser(args.workdir)).fetch_index(args.model)
             log.info("serving index %s (%s)", index_dir, why)
         serve(index_dir, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
               model_dir=args.model_dir, device=args.device, log_level="debug" if args.verbose > 1 else "info")

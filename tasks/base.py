@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import functools
+import inspect
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +13,10 @@ import luigi
 
 from pipeline.dataset import folder_fingerprint
 from pipeline.io import params_key
-from pipeline.layout import WorkDir, write_figures
+from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, read_figures, write_figures
 
 
-@lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def _source_fingerprint(audio_dir: str, archive: str) -> dict:
     """Identity of the input: a folder's listing (paths, sizes, mtimes), an archive's size and mtime."""
     if audio_dir:
@@ -24,17 +27,50 @@ def _source_fingerprint(audio_dir: str, archive: str) -> dict:
     return {"gtzan": "genres.tar.gz"}
 
 
+def _staged(run: Callable) -> Callable:
+    """``run`` between :meth:`StageTask.pull_inputs` and :meth:`StageTask.push_outputs` (no-ops locally).
+
+    A generator ``run`` (dynamic dependencies) stays one: Luigi drops it at a ``yield`` of tasks not done
+    yet and calls it anew once they are, so only the call that gets to the end pushes the outputs.
+    """
+    if inspect.isgeneratorfunction(run):
+        @functools.wraps(run)
+        def staged_generator(self: StageTask) -> Any:
+            self.pull_inputs()
+            yield from run(self)
+            self.push_outputs()
+
+        return staged_generator
+
+    @functools.wraps(run)
+    def staged(self: StageTask) -> None:
+        self.pull_inputs()
+        run(self)
+        self.push_outputs()
+
+    return staged
+
+
 class StageTask(luigi.Task):
     """Base of every stage: ``workdir`` and the source (``audio_dir``, ``archive``, or neither for GTZAN).
 
     A subclass names its ``stage`` and its ``key``; its folder is the layout's, and its output is the
     ``figures.json`` that :meth:`finish` writes there last.
+
+    With ``workdir=s3://BUCKET/PREFIX`` a task works in the local mirror (:mod:`pipeline.storage`): each
+    subclass's ``run()`` is wrapped to download its inputs first and upload its outputs after (its folder,
+    ``figures.json`` last), and the output is an ``S3Target``, so every machine's ``complete()`` asks the bucket.
     """
 
     workdir = luigi.Parameter(default="data/work")
     audio_dir = luigi.Parameter(default="")
     archive = luigi.Parameter(default="")
     stage: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:  # every stage, tasks/features.py's too, moves its files to and from a bucket
+            cls.run = _staged(cls.__dict__["run"])
 
     @property
     def layout(self) -> WorkDir:
@@ -54,8 +90,73 @@ class StageTask(luigi.Task):
         """What downstream stages read: the stage's main file, or its folder."""
         return WorkDir.artifact(self.stage, self.stage_dir)
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(WorkDir.figures_path(self.stage_dir)))
+    def output(self) -> luigi.Target:
+        marker = WorkDir.figures_path(self.stage_dir)
+        store = self.layout.store
+        if store is None:
+            return luigi.LocalTarget(str(marker))
+        from luigi.contrib.s3 import S3Target  # imports boto3: only for a bucket
+
+        return S3Target(store.uri_of(marker))
+
+    def complete(self) -> bool:
+        store = self.layout.store
+        if store is None:
+            return super().complete()
+        # an output named by a path in the mirror (a feature shard, the comparison plot) is done once in the bucket
+        return all(store.exists(target.path) if isinstance(target, luigi.LocalTarget) else target.exists()
+                   for target in luigi.task.flatten(self.output()))
+
+    @property
+    def _marks_folder(self) -> bool:
+        """Whether the output is the stage folder's figures.json (not files of a subclass's own ``output()``)."""
+        return type(self).output is StageTask.output
+
+    def pull(self) -> None:
+        """Download this task's outputs from the bucket into the mirror: its folder, or its output files."""
+        store = self.layout.store
+        if store is None:
+            return
+        if self._marks_folder:
+            store.download_folder(self.stage_dir, exclude=NOT_READ.get(self.stage, ()))
+        else:
+            for target in luigi.task.flatten(self.output()):
+                store.download_group(target.path)
+
+    def pull_inputs(self) -> None:
+        """Before ``run()`` in a bucket: download the dependencies' outputs, and what is already in our folder.
+
+        That is what other workers left there (feature shards). A copy that this machine finished once but the
+        bucket no longer holds (a ``--rerun`` elsewhere removed it) is stale: it goes first.
+        """
+        store = self.layout.store
+        if store is None:
+            return
+        for task in luigi.task.flatten(self.requires()):
+            if isinstance(task, StageTask):
+                task.pull()
+        if self._marks_folder:
+            marker = WorkDir.figures_path(self.stage_dir)
+            if marker.is_file() and not store.exists(marker):
+                shutil.rmtree(self.stage_dir)
+            store.download_folder(self.stage_dir)
+
+    def push_outputs(self) -> None:
+        """After ``run()`` in a bucket: upload the stage folder (``figures.json`` last), or the output files."""
+        store = self.layout.store
+        if store is None:
+            return
+        if self._marks_folder:
+            store.upload_folder(self.stage_dir, last=FIGURES_FILE)
+        else:
+            for target in luigi.task.flatten(self.output()):
+                store.upload_group(target.path)
+
+    def figures(self) -> dict[str, Any]:
+        """The headline figures of this finished stage (from the bucket, for a bucket work directory)."""
+        if self.layout.store is not None:
+            self.layout.store.download(WorkDir.figures_path(self.stage_dir))
+        return read_figures(self.stage_dir)
 
     def finish(self, figures: dict[str, Any]) -> None:
         """Record the stage's headline figures: the last write, which marks the folder finished."""
