@@ -9,15 +9,28 @@ Neither the project nor its tests need TensorFlow: these run once, by hand, and 
    tf-keras && /tmp/tfvenv/bin/pip install --no-deps musicnn==0.1.0``.
 3. ``/tmp/tfvenv/bin/python models/convert_musicnn.py convert --checkpoint .../musicnn/MSD_musicnn/``
    writes the npz (one float32 array per PyTorch state_dict entry, TF kernels transposed) and the json (tags).
-4. ``.venv/bin/python models/convert_musicnn.py inputs --out /tmp/in.npz CLIP...`` cuts the clips' log-mel
-   into 3 s patches with the project's own :func:`models.musicnn.musicnn_log_mel` (so both sides see the same
-   input); ``--patches``/``--frames`` keep a few.
+4. ``.venv/bin/python models/convert_musicnn.py inputs --out /tmp/in.npz [CLIP...]`` writes the inputs, made
+   with the project's own :func:`models.musicnn.musicnn_log_mel` and :func:`~models.musicnn.musicnn_patches` (so
+   both sides see the same input): always the synthetic ones of :data:`SYNTH_RECIPE` (``pipeline.synth`` clips
+   at 16 kHz, seeded), plus the first ``--patches`` (default 1) 3 s patches of each real CLIP. Each input comes
+   with its float32 bytes' sha256; this scratch file is never committed.
 5. ``TF_USE_LEGACY_KERAS=1 /tmp/tfvenv/bin/python models/convert_musicnn.py reference --checkpoint ...
-   --inputs /tmp/in.npz --out ref.npz`` (several ``--inputs`` files are merged) builds the package's own
-   ``musicnn.models.define_model(..., "MSD_musicnn")`` as a TF1 graph with ``is_training=False``, restores
-   every variable from the checkpoint by name (the Saver fails on any it does not find) and stores, beside
-   each input, its taggram, penultimate, max_pool and mean_pool. (Not ``musicnn.extractor``: it casts the
-   mel power to float16 before the log, which overflows to inf on most real clips and wrecks the outputs.)
+   --inputs /tmp/in.npz --out tests/models/fixtures/musicnn_reference.npz`` (several ``--inputs`` files are
+   merged) builds the package's own ``musicnn.models.define_model(..., "MSD_musicnn")`` as a TF1 graph with
+   ``is_training=False``, restores every variable from the checkpoint by name (the Saver fails on any it does
+   not find) and stores, per input, its taggram, penultimate, max_pool and mean_pool, the sha256 and the
+   recipe (json), *not the input itself*: the test rebuilds the synthetic inputs from the recipe, and the real
+   ones from the audio under ``MELSEARCH_REAL_AUDIO`` (GTZAN has no licence: no log-mel of its clips may be
+   committed, only these few network outputs). (Not ``musicnn.extractor``: it casts the mel power to float16
+   before the log, which overflows to inf on most real clips and wrecks the outputs.)
+
+The commands that made the committed fixture (real clips from ``/work/shared/sample-audio``)::
+
+    .venv/bin/python models/convert_musicnn.py inputs --out /tmp/in.npz --patches 1 \
+        $A/classical/classical.00000.wav $A/metal/metal.00000.wav $A/hiphop/hiphop.00002.wav
+    TF_USE_LEGACY_KERAS=1 /tmp/tfvenv/bin/python models/convert_musicnn.py reference \
+        --checkpoint /tmp/tfvenv/lib/python3.11/site-packages/musicnn/MSD_musicnn/ --inputs /tmp/in.npz \
+        --out tests/models/fixtures/musicnn_reference.npz
 """
 
 from __future__ import annotations
@@ -136,30 +149,83 @@ def convert(checkpoint: str, out: Path = WEIGHTS, tags: Path = TAGS) -> None:
     log.info("wrote %s (%d arrays, %d floats) and %s", out, len(arrays), n_params, tags)
 
 
-def make_inputs(clips: list[Path], out: Path, *, patches: int | None, frames: int | None) -> None:
-    """Log-mel patches of ``clips`` with the project's own preprocessing: key = file stem, (N, 1, 96, T) float32.
+# The synthetic inputs of the fixture: pipeline.synth clips at 16 kHz, one seeded generator per input
+# (default_rng([seed, index])), summed when several classes are named, peak-normalised, then musicnn's log-mel
+# and its first patch of ``frames`` frames: the design size, one longer and one shorter than every temporal kernel.
+SYNTH_RECIPE = {
+    "seed": 2024, "sr": 16000, "peak": 0.8,
+    "inputs": [
+        {"name": "drone", "classes": ["drone"], "seconds": 3.0, "frames": 187},
+        {"name": "chime", "classes": ["chime"], "seconds": 3.0, "frames": 187},
+        {"name": "buzz", "classes": ["buzz"], "seconds": 3.0, "frames": 187},
+        {"name": "bass+static", "classes": ["bass", "static"], "seconds": 3.0, "frames": 187},
+        {"name": "whistle+buzz.T311", "classes": ["whistle", "buzz"], "seconds": 5.0, "frames": 311},
+        {"name": "chime+drone.T50", "classes": ["chime", "drone"], "seconds": 1.0, "frames": 50},
+    ],
+}  # fmt: skip
 
-    ``patches`` keeps the first N 3 s patches of each clip; ``frames`` instead keeps one input of that many
-    frames from the clip's start (an input of another length than the 187 the model was trained on).
-    """
+
+def input_sha256(x: np.ndarray) -> str:
+    """The sha256 of an input's float32 C-order bytes: the test checks it rebuilt the input TF saw, bit for bit."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
+
+
+def synthetic_inputs(recipe: dict | None = None) -> dict[str, np.ndarray]:
+    """The inputs of ``recipe`` (default :data:`SYNTH_RECIPE`): name -> (1, 1, 96, frames) float32 log-mel."""
+    sys.path.insert(0, str(ROOT))
+    from models.musicnn import musicnn_log_mel, musicnn_patches
+    from pipeline.synth import SYNTH_CLASSES, synth_clip
+
+    recipe = recipe or SYNTH_RECIPE
+    classes = {c.name: c for c in SYNTH_CLASSES}
+    out = {}
+    for index, item in enumerate(recipe["inputs"]):
+        rng = np.random.default_rng([recipe["seed"], index])
+        y = sum(synth_clip(classes[name], seconds=item["seconds"], sr=recipe["sr"], rng=rng).astype(np.float64)
+                for name in item["classes"])  # fmt: skip
+        y = (recipe["peak"] * y / np.abs(y).max()).astype(np.float32)
+        out[item["name"]] = musicnn_patches(musicnn_log_mel(y, sr=recipe["sr"]), n_frames=item["frames"])[:1]
+    return out
+
+
+def real_inputs(path: Path, patches: int) -> dict[int, np.ndarray]:
+    """Patch index -> (1, 1, 96, 187) float32 log-mel: the first ``patches`` 3 s patches of the whole clip ``path``."""
     sys.path.insert(0, str(ROOT))
     from models.musicnn import MUSICNN_MEL, musicnn_log_mel, musicnn_patches
     from pipeline.audio import load_audio
 
-    arrays = {}
+    y, _ = load_audio(path, sr=MUSICNN_MEL.sr)
+    return {i: x[None] for i, x in enumerate(musicnn_patches(musicnn_log_mel(y))[:patches])}
+
+
+def make_inputs(clips: list[Path], out: Path, *, patches: int) -> None:
+    """The scratch npz of inputs for ``reference``: ``synth/<name>`` and ``real/<clip stem>/p<i>`` -> (1, 1, 96, T)
+    float32, each with ``<key>/input_sha256``, and ``recipe`` (json: the synthetic recipe, the real clips' paths
+    relative to their audio root ``<genre>/<file>``, and ``patches``)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, x in synthetic_inputs().items():
+        arrays[f"synth/{name}"] = x
+    real = {}
     for clip in clips:
-        y, _ = load_audio(clip, sr=MUSICNN_MEL.sr)
-        log_mel = musicnn_log_mel(y)  # (96, n_frames)
-        if frames:
-            arrays[f"{clip.stem}.T{frames}"] = log_mel[None, None, :, :frames]
-        else:
-            arrays[clip.stem] = musicnn_patches(log_mel)[:patches]
+        real[clip.stem] = f"{clip.parent.name}/{clip.name}"
+        for i, x in real_inputs(clip, patches).items():
+            arrays[f"real/{clip.stem}/p{i}"] = x
+    for key in list(arrays):
+        arrays[f"{key}/input_sha256"] = np.array(input_sha256(arrays[key]))
+    recipe = {"synthetic": SYNTH_RECIPE, "real": {"clips": real, "patches": patches}}
+    arrays["recipe"] = np.array(json.dumps(recipe, sort_keys=True))
     np.savez(out, **arrays)
-    log.info("wrote %s: %s", out, {k: v.shape for k, v in arrays.items()})
+    log.info("wrote %s: %s", out, {k: v.shape for k, v in arrays.items() if v.ndim == 4})
 
 
 def reference(checkpoint: str, inputs: list[Path], out: Path) -> None:
-    """Run the package's own TF1 graph (``is_training=False``) on every array of ``inputs``; save inputs + outputs."""
+    """Run the package's own TF1 graph (``is_training=False``) on every 4-d array of ``inputs``; save its outputs.
+
+    The inputs themselves are *not* saved (the real ones are derived from unlicensed audio); every other array
+    (sha256s, the recipe) is copied through.
+    """
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tensorflow as tf
 
@@ -170,11 +236,14 @@ def reference(checkpoint: str, inputs: list[Path], out: Path) -> None:
 
     tf.compat.v1.disable_eager_execution()
     result: dict[str, np.ndarray] = {}
-    batches = {}
+    arrays = {}
     for path in inputs:
         with np.load(path, allow_pickle=False) as npz:
-            batches |= {k: npz[k] for k in npz.files}
-    for key, x in batches.items():
+            arrays |= {k: npz[k] for k in npz.files}
+    for key, x in arrays.items():
+        if x.ndim != 4:
+            result[key] = x  # sha256, recipe
+            continue
         n, _, n_mels, n_frames = x.shape
         graph = tf.Graph()
         with graph.as_default():
@@ -187,13 +256,13 @@ def reference(checkpoint: str, inputs: list[Path], out: Path) -> None:
                 # no initializer: restore must set every variable, or reading it fails
                 tf.compat.v1.train.Saver().restore(sess, checkpoint)
                 got = sess.run(ops, feed_dict={ph: x[:, 0].transpose(0, 2, 1)})  # (N, T, 96)
-        result[key] = x
         for name in OUTPUTS:
             result[f"{key}/{name}"] = got[name].astype(np.float32)
         top = np.argsort(-got["taggram"].mean(0))[:5]
         log.info("%s %s: top tags %s", key, x.shape, [MSD_LABELS[i] for i in top])
+    assert not any(v.ndim == 4 for v in result.values())
     np.savez_compressed(out, **result)
-    log.info("wrote %s", out)
+    log.info("wrote %s (%d bytes)", out, out.stat().st_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,12 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("convert", help="TF1 checkpoint -> npz of PyTorch arrays + tag json")
     p.add_argument("--checkpoint", required=True, help="checkpoint prefix, e.g. .../musicnn/MSD_musicnn/")
     p.add_argument("--out", type=Path, default=WEIGHTS)
-    p = sub.add_parser("inputs", help="clips -> npz of log-mel patches (project venv)")
-    p.add_argument("clips", type=Path, nargs="+")
+    p = sub.add_parser("inputs", help="synthetic inputs [+ clips] -> scratch npz of log-mel patches (project venv)")
+    p.add_argument("clips", type=Path, nargs="*", help="real clips, as <audio root>/<genre>/<file>")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--patches", type=int, default=None, help="keep the first N patches of each clip")
-    p.add_argument("--frames", type=int, default=None, help="one input of this many frames per clip instead")
-    p = sub.add_parser("reference", help="npz of inputs -> npz of inputs and TF outputs (TF venv)")
+    p.add_argument("--patches", type=int, default=1, help="keep the first N patches of each clip")
+    p = sub.add_parser("reference", help="npz of inputs -> npz of TF outputs, without the inputs (TF venv)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--inputs", type=Path, nargs="+", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -216,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "convert":
         convert(args.checkpoint, args.out)
     elif args.command == "inputs":
-        make_inputs(args.clips, args.out, patches=args.patches, frames=args.frames)
+        make_inputs(args.clips, args.out, patches=args.patches)
     else:
         reference(args.checkpoint, args.inputs, args.out)
 

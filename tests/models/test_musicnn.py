@@ -1,8 +1,15 @@
 """Tests for the MSD_musicnn port: shapes, TF's padding, the published weights against TensorFlow's outputs, tags.
 
-The fixture ``fixtures/musicnn_reference.npz`` holds four log-mel inputs (one 3 s patch each of GTZAN's
-classical.00000, metal.00000 and hiphop.00002, and 311 frames of metal.00001) and what the original TF1 graph,
-restored from the musicnn 0.1.0 checkpoint, computed from them (``models/convert_musicnn.py reference``).
+The fixture ``fixtures/musicnn_reference.npz`` holds what the original TF1 graph, restored from the musicnn 0.1.0
+checkpoint, computed (``models/convert_musicnn.py reference``: taggram, penultimate, max_pool and mean_pool) from
+two kinds of input, and no input itself:
+
+- six synthetic log-mels (``pipeline.synth`` clips at 16 kHz, seeded; 187, 311 and 50 frames), which the test
+  rebuilds from the recipe stored beside them: this comparison always runs;
+- the first 3 s patch of GTZAN's classical.00000, metal.00000 and hiphop.00002, which the test rebuilds from the
+  audio under ``MELSEARCH_REAL_AUDIO`` (GTZAN has no licence, so no log-mel of its clips is committed).
+
+Each input's float32 sha256 is stored too: the rebuilt input is the one TF saw, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import pytest
 import torch
 
 from models import MODEL_NAMES, PRETRAINED
+from models.convert_musicnn import OUTPUTS, SYNTH_RECIPE, input_sha256, real_inputs, synthetic_inputs
 from models.musicnn import (
     MUSICNN_MEL,
     TAGS,
@@ -47,6 +55,11 @@ def tags() -> tuple[str, ...]:
 def reference() -> dict[str, np.ndarray]:
     with np.load(FIXTURE, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture(scope="module")
+def recipe(reference: dict[str, np.ndarray]) -> dict:
+    return json.loads(str(reference["recipe"]))
 
 
 @pytest.mark.parametrize("n_frames", FRAMES)
@@ -130,29 +143,81 @@ def test_registry_has_the_pretrained_model() -> None:
     assert PRETRAINED["musicnn"] is load_pretrained_musicnn
 
 
-def test_port_reproduces_tensorflow(pretrained: MusicnnNet, reference: dict[str, np.ndarray]) -> None:
-    keys = [k for k in reference if "/" not in k]
-    assert sorted(keys) == ["classical.00000", "hiphop.00002", "metal.00000", "metal.00001.T311"]
-    for key in keys:
-        with torch.no_grad():
-            got = {k: v.numpy() for k, v in pretrained.features(torch.from_numpy(reference[key])).items()}
-        np.testing.assert_allclose(got["taggram"], reference[f"{key}/taggram"], rtol=0, atol=1e-4, err_msg=key)
-        np.testing.assert_allclose(got["penultimate"], reference[f"{key}/penultimate"], rtol=0, atol=1e-4)
-        # the pooled features reach ~100: a relative bound (measured: < 5e-6 of the largest value)
-        for name in ("max_pool", "mean_pool"):
-            want = reference[f"{key}/{name}"]
-            np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=key)
-
-
-def test_reference_tags_are_sensible(reference: dict[str, np.ndarray], tags: tuple[str, ...]) -> None:
-    """The TF reference itself depends on its input (a broken set-up gives the same tags for every clip)."""
-    top3 = {k.split("/")[0]: [tags[i] for i in np.argsort(-v[0])[:3]] for k, v in reference.items()
-            if k.endswith("/taggram")}  # fmt: skip
-    assert "instrumental" in top3["classical.00000"]
-    assert {"metal", "heavy metal"} & set(top3["metal.00000"]) and {"metal", "heavy metal"} & set(
-        top3["metal.00001.T311"]
+def assert_matches_tensorflow(model: MusicnnNet, x: np.ndarray, reference: dict[str, np.ndarray], key: str) -> None:
+    """The port's outputs on input ``x`` are TF's ``reference[key/...]`` within 1e-4, and ``x`` is the input TF saw."""
+    with torch.no_grad():
+        got = {k: v.numpy() for k, v in model.features(torch.from_numpy(x)).items()}
+    np.testing.assert_allclose(got["taggram"], reference[f"{key}/taggram"], rtol=0, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(got["penultimate"], reference[f"{key}/penultimate"], rtol=0, atol=1e-4, err_msg=key)
+    # the pooled features reach ~100: a relative bound (measured: < 5e-6 of the largest value)
+    for name in ("max_pool", "mean_pool"):
+        want = reference[f"{key}/{name}"]
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=key)
+    assert input_sha256(x) == str(reference[f"{key}/input_sha256"]), (
+        f"{key}: the rebuilt input is not bit-identical to the one TF saw (other numpy/librosa/soxr?)"
     )
-    assert top3["hiphop.00002"][0] == "Hip-Hop"
+
+
+def test_fixture_holds_outputs_only(reference: dict[str, np.ndarray], recipe: dict) -> None:
+    """No input (a 96-band log-mel) in the fixture: only the network's outputs, the sha256s and the recipe."""
+    assert FIXTURE.stat().st_size < 150_000
+    sizes = {"taggram": 50, "penultimate": 200, "max_pool": 753, "mean_pool": 753}
+    keys = {f"synth/{item['name']}" for item in recipe["synthetic"]["inputs"]}
+    keys |= {f"real/{clip}/p{i}" for clip in recipe["real"]["clips"] for i in range(recipe["real"]["patches"])}
+    want = {"recipe"} | {f"{k}/{name}" for k in keys for name in (*OUTPUTS, "input_sha256")}
+    assert set(reference) == want
+    for name, value in reference.items():
+        last = name.rsplit("/", 1)[-1]
+        assert value.shape == ((1, sizes[last]) if last in sizes else ()), (name, value.shape)
+
+
+def test_synthetic_recipe_is_the_tools(recipe: dict) -> None:
+    """The fixture was made from ``convert_musicnn.SYNTH_RECIPE``, and its real part is 3 clips of 1 patch."""
+    assert recipe["synthetic"] == SYNTH_RECIPE
+    assert len(recipe["synthetic"]["inputs"]) == 6
+    assert sorted(recipe["real"]["clips"]) == ["classical.00000", "hiphop.00002", "metal.00000"]
+    assert recipe["real"]["patches"] == 1
+
+
+def test_port_reproduces_tensorflow_on_synthetic_inputs(
+    pretrained: MusicnnNet, reference: dict[str, np.ndarray], recipe: dict
+) -> None:
+    inputs = synthetic_inputs(recipe["synthetic"])
+    frames = {name: x.shape[-1] for name, x in inputs.items()}
+    assert sorted(set(frames.values())) == [50, 187, 311]
+    for name, x in inputs.items():
+        assert x.dtype == np.float32 and x.shape[:3] == (1, 1, 96)
+        assert 0 <= x.min() and 4 < x.max() < 7 and x.std() > 0.3  # musicnn's range, with structure
+        assert_matches_tensorflow(pretrained, x, reference, f"synth/{name}")
+
+
+def test_port_reproduces_tensorflow_on_real_clips(
+    real_audio_dir: Path, pretrained: MusicnnNet, reference: dict[str, np.ndarray], recipe: dict
+) -> None:
+    for clip, relative in recipe["real"]["clips"].items():
+        path = real_audio_dir / relative
+        if not path.is_file():
+            pytest.skip(f"need {relative} in {real_audio_dir}")
+        inputs = real_inputs(path, recipe["real"]["patches"])
+        assert len(inputs) == recipe["real"]["patches"]
+        for i, x in inputs.items():
+            assert x.shape == (1, 1, 96, 187)
+            assert_matches_tensorflow(pretrained, x, reference, f"real/{clip}/p{i}")
+
+
+def test_reference_depends_on_its_input(reference: dict[str, np.ndarray], tags: tuple[str, ...]) -> None:
+    """The TF reference itself depends on its input (a broken set-up gives the same outputs for every input)."""
+    taggrams = {k.rsplit("/", 1)[0]: v[0] for k, v in reference.items() if k.endswith("/taggram")}
+    top3 = {k: [tags[i] for i in np.argsort(-v)[:3]] for k, v in taggrams.items()}
+    assert "instrumental" in top3["real/classical.00000/p0"]
+    assert {"metal", "heavy metal"} & set(top3["real/metal.00000/p0"])
+    assert top3["real/hiphop.00002/p0"][0] == "Hip-Hop"
+    # every two inputs, synthetic ones included, differ clearly (measured: >= 0.06 on some tag, >= 1.9 on some unit)
+    names = sorted(taggrams)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.abs(taggrams[a] - taggrams[b]).max() > 0.03, (a, b)
+            assert np.abs(reference[f"{a}/penultimate"] - reference[f"{b}/penultimate"]).max() > 1.0, (a, b)
 
 
 def test_log_mel_is_musicnns_recipe() -> None:
