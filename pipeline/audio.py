@@ -166,3 +166,63 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
     if native_sr != sr:
         samples = soxr.resample(samples, native_sr, sr, quality="HQ")
     return np.ascontiguousarray(samples, dtype=np.float32), float(duration_s)
+
+
+def load_audio_spread(path: str | os.PathLike, *, sr: int, total_s: float, segments: int) -> tuple[np.ndarray, float]:
+    """``segments`` windows of ``total_s / segments`` seconds spread evenly over the file, decoded one at a time.
+
+    A file no longer than ``total_s`` comes back whole (as :func:`load_audio` with ``max_seconds=total_s``).
+    A longer one is read by seeking to each window (the first starts at 0 s, the last ends at the end), so
+    memory holds one window and the result, never the file: a 2-hour file costs what a 30 s clip does.
+
+    Returns
+    -------
+    samples : (about total_s * sr,) float32 mono: the windows at ``sr`` Hz, concatenated in time order.
+    duration_s : the file's true length in seconds.
+    """
+    path = Path(path)
+    if segments < 1:
+        raise MelsearchError(f"{path}: segments must be >= 1, got {segments}")
+    try:
+        with sf.SoundFile(path) as handle:
+            native_sr, total_frames, seekable = handle.samplerate, handle.frames, handle.seekable()
+            needed = int(np.ceil(total_s * native_sr))
+            if segments == 1 or total_frames <= needed or not seekable:
+                data = handle.read(frames=needed, dtype="float32", always_2d=True)
+                windows = [data.mean(axis=1, dtype=np.float32)]
+            else:
+                width = needed // segments
+                windows = []
+                for start in np.linspace(0, total_frames - width, segments).round().astype(np.int64):
+                    handle.seek(int(start))
+                    data = handle.read(frames=width, dtype="float32", always_2d=True)
+                    windows.append(data.mean(axis=1, dtype=np.float32))
+        duration_s = total_frames / native_sr
+    except Exception as sf_exc:
+        try:
+            windows, native_sr, duration_s = _spread_fallback(path, total_s, segments)
+        except Exception as exc:
+            raise _undecodable(path, sf_exc, exc) from exc
+    samples = np.concatenate(windows)
+    if samples.size == 0:
+        raise MelsearchError(f"{path}: no audio samples")
+    if native_sr != sr:
+        samples = soxr.resample(samples, native_sr, sr, quality="HQ")
+    return np.ascontiguousarray(samples, dtype=np.float32), float(duration_s)
+
+
+def _spread_fallback(path: Path, total_s: float, segments: int) -> tuple[list[np.ndarray], int, float]:
+    """:func:`load_audio_spread` through librosa/audioread: each window decoded by offset (no seek, bounded memory)."""
+    import librosa
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        duration_s = float(librosa.get_duration(path=path))
+        native_sr = int(librosa.get_samplerate(path))
+        if segments == 1 or duration_s <= total_s:
+            offsets, width = [0.0], total_s
+        else:
+            width = total_s / segments
+            offsets = np.linspace(0.0, duration_s - width, segments).tolist()
+        windows = [librosa.load(path, sr=None, mono=True, offset=offset, duration=width)[0] for offset in offsets]
+    return [np.asarray(w, dtype=np.float32) for w in windows], native_sr, duration_s

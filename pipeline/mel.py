@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio import load_audio
+from pipeline.audio import load_audio, load_audio_spread
 from pipeline.errors import MelsearchError
 from pipeline.io import params_key
 
@@ -53,7 +53,9 @@ class MelConfig:
     ``sr`` in Hz; ``n_fft`` and ``hop_length`` in samples; ``fmin``/``fmax`` in Hz (``fmax=None``: sr / 2);
     ``duration_s``: clips are padded with zeros or cropped to this many seconds; ``dtype``: storage dtype;
     ``compression``: ``"db"`` (``power_to_db``, dB re 1.0, floored 80 dB below the clip's maximum) or ``"log10"``
-    (``log10(1 + 10000 * power)``, what the pretrained musicnn expects).
+    (``log10(1 + 10000 * power)``, what the pretrained musicnn expects); ``segments``: how a track longer than
+    ``duration_s`` is covered, 1 = its first ``duration_s`` seconds, k > 1 = k windows of ``duration_s / k``
+    seconds spread evenly over the whole track and concatenated (a shorter track is read whole either way).
     """
 
     sr: int = 22050
@@ -65,10 +67,11 @@ class MelConfig:
     fmax: float | None = None
     dtype: str = "float16"
     compression: str = "db"
+    segments: int = 1
 
     def __post_init__(self) -> None:
         # Normalise types so that 30 and 30.0 give one cache key, then check ranges.
-        for name in ("sr", "n_fft", "hop_length", "n_mels"):
+        for name in ("sr", "n_fft", "hop_length", "n_mels", "segments"):
             value = getattr(self, name)
             if isinstance(value, bool) or not float(value).is_integer() or value <= 0:
                 raise MelsearchError(f"MelConfig.{name} must be a positive integer, got {value!r}")
@@ -118,8 +121,15 @@ class MelConfig:
         return cls(**d)
 
     def key(self) -> str:
-        """Short hash of every field: the features' cache key."""
-        return params_key(self.to_dict())
+        """Short hash of every field: the features' cache key.
+
+        ``segments`` counts only when it is not 1, so settings made before it existed keep their key (and
+        their features folders and models).
+        """
+        fields_set = self.to_dict()
+        if fields_set["segments"] == 1:
+            del fields_set["segments"]
+        return params_key(fields_set)
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,10 @@ def _log_mel(samples: np.ndarray, cfg: MelConfig, n_samples: int) -> np.ndarray:
 def log_mel_for_file(path: str | os.PathLike, cfg: MelConfig) -> tuple[np.ndarray, int]:
     """Decode ``path``, pad with zeros or crop to ``cfg.duration_s``, and extract its log-mel.
 
+    With ``cfg.segments > 1`` a track longer than ``duration_s`` is represented by that many windows spread
+    over all of it (:func:`pipeline.audio.load_audio_spread`, one window in memory at a time), concatenated;
+    the features stage, the embeddings, ``encode``, ``predict`` and queries by file all come through here.
+
     Returns
     -------
     mel : (n_mels, cfg.n_frames) float32 dB.
@@ -261,7 +275,10 @@ def log_mel_for_file(path: str | os.PathLike, cfg: MelConfig) -> tuple[np.ndarra
     MelsearchError
         ``"<path>: <reason>"`` when the file cannot be decoded or holds non-finite samples.
     """
-    samples, _ = load_audio(path, sr=cfg.sr, max_seconds=cfg.duration_s)
+    if cfg.segments == 1:
+        samples, _ = load_audio(path, sr=cfg.sr, max_seconds=cfg.duration_s)
+    else:
+        samples, _ = load_audio_spread(path, sr=cfg.sr, total_s=cfg.duration_s, segments=cfg.segments)
     n_true = min(samples.size, cfg.n_samples)
     try:
         mel = _log_mel(samples, cfg, cfg.n_samples)
