@@ -12,8 +12,8 @@ from pipeline.errors import MelsearchError
 from pipeline.layout import STAGES
 
 log = logging.getLogger("pipeline")
-HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "epochs_run", "best_epoch", "test_accuracy", "test_macro_f1",
-                    "count", "recall_at_10", "genre_precision_at_10")
+HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "extracted", "reused", "computed", "epochs_run", "best_epoch",
+                    "test_accuracy", "test_macro_f1", "count", "recall_at_10", "genre_precision_at_10")
 
 
 class _OneLineMelsearchErrors(logging.Filter):
@@ -51,6 +51,8 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
                         help="folder of audio; sub-folders are labels")
     source.add_argument("--archive", default="", type=os.path.expanduser,
                         help="local genres.tar.gz (or any .tar/.tar.gz/.zip of audio)")
+    parser.add_argument("--library", default="", type=os.path.expanduser,
+                        help="a folder of music to index (labels optional) with the model trained on the source")
     parser.add_argument("--model", default=None, help="cifar10, resnet_v2 or all (default: luigi.cfg [train] model)")
     parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
     parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")
@@ -68,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     models = _configure_stages(args)
     from tasks.pipeline import pipeline_status, run_pipeline
 
-    source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "models": models}
+    source = {"workdir": args.workdir, "audio_dir": args.audio_dir, "archive": args.archive, "library": args.library,
+              "models": models}
     run_pipeline(stage=args.stage, rerun=args.rerun, workers=args.workers, scheduler_url=args.scheduler_url, **source)
     _print_status(pipeline_status(**source), STAGES[: STAGES.index(args.stage) + 1])
     return 0
@@ -88,7 +91,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     models = _configure_stages(args)
     from tasks.pipeline import pipeline_status
 
-    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive, models=models)
+    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive,
+                             library=args.library, models=models)
     if args.json:
         print(json.dumps(status, indent=2))
     else:

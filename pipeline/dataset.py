@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.audio import AUDIO_EXTENSIONS, is_audio_path, probe_audio
 from pipeline.errors import MelsearchError
-from pipeline.io import params_key
+from pipeline.io import atomic_path, params_key
 from pipeline.manifest import write_manifest
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,53 @@ def _probe_row(path: Path) -> dict:
             "status": "ok", "reason": ""}
 
 
+def file_identity(path: str | os.PathLike) -> str:
+    """What identifies one version of a file: a hash of its resolved path, size and mtime (ns).
+
+    A symlink is followed (two links to one file are one file); an edited, replaced or moved file is a new one.
+    Raises OSError when the file cannot be stat'ed.
+    """
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    return hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+def _read_probe_cache(path: Path | None) -> dict[str, dict]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {row.pop("identity"): row for row in pq.read_table(path).to_pylist()}
+    except Exception as exc:  # a cache: unreadable means empty
+        log.warning("%s: unreadable probe cache, probing every file (%s)", path, exc)
+        return {}
+
+
+def _probe_cached(paths: Sequence[Path], cache_path: Path | None, workers: int | None) -> list[dict]:
+    """:func:`_probe_row` of each path, from ``cache_path`` when it knows the file's identity; new probes added."""
+    cache = _read_probe_cache(cache_path)
+    identities = []
+    for path in paths:
+        try:
+            identities.append(file_identity(path))
+        except OSError:
+            identities.append("")  # a dangling link: probe it, and let the probe say why
+    todo = [path for path, identity in zip(paths, identities, strict=True) if identity not in cache]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        probing = pool.map(_probe_row, todo)
+        probed = dict(zip(todo, tqdm(probing, total=len(todo), desc="probing audio", unit="file", disable=None),
+                          strict=True))
+    log.info("probed %d file(s), %d known from %s", len(todo), len(paths) - len(todo), cache_path)
+    if cache_path is not None and todo:
+        for path, identity in zip(paths, identities, strict=True):
+            if identity and path in probed:
+                cache[identity] = probed[path]
+        table = pa.Table.from_pylist([{"identity": key, **row} for key, row in sorted(cache.items())])
+        with atomic_path(cache_path) as tmp:
+            pq.write_table(table, tmp)
+    return [probed[path] if path in probed else dict(cache[identity])
+            for path, identity in zip(paths, identities, strict=True)]
+
+
 def build_manifest(
     audio_dir: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -157,6 +206,7 @@ def build_manifest(
     split: str = "auto",
     seed: int = 0,
     workers: int | None = None,
+    probe_cache: str | os.PathLike | None = None,
 ) -> dict:
     """Probe every audio file under ``audio_dir`` and write the manifest Parquet at ``out_path`` (atomically).
 
@@ -167,6 +217,8 @@ def build_manifest(
         80/10/10 with ``seed``), ``hash`` (stable per-track hash), or ``auto``: ``gtzan`` for GTZAN's layout,
         ``hash`` otherwise. Unlabelled files get split ``""``.
     workers : threads probing files (libsndfile releases the GIL); None = all cores.
+    probe_cache : a Parquet file of earlier probes by :func:`file_identity`: only files it does not know are
+        decoded, and it is extended with them (a library of 5,000 songs plus one probes one).
 
     Returns
     -------
@@ -184,9 +236,7 @@ def build_manifest(
     if method == "gtzan" and not gtzan:
         raise MelsearchError(f"{root}: --split gtzan needs GTZAN's layout (<genre>/<genre>.NNNNN.au|wav)")
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        probing = pool.map(_probe_row, paths)
-        probes = list(tqdm(probing, total=len(paths), desc="probing audio", unit="file", disable=None))
+    probes = _probe_cached(paths, Path(probe_cache) if probe_cache is not None else None, workers)
 
     rows = []
     for path, rel, probe in zip(paths, rels, probes, strict=True):

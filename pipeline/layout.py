@@ -12,6 +12,9 @@
       embeddings/<model>-<key>/                embeddings.parquet, figures.json
       index/<model>-<key>/                     index.ann, ids.parquet, meta.json, embedding_map.png, figures.json
       index/added-<model folder>.parquet       songs added with MusicSearch.index_audio; part of the next index's key
+      cache/probes.parquet                     the dataset stage's probe of each file, by path, size and mtime
+      cache/features-<mel key>/part-*.h5       log-mels of a library's files, by file (pipeline.library)
+      cache/embeddings-<model folder>.parquet  a library's vectors by file for one model (pipeline.library)
       latest-run.json                          the folders the last ``melsearch run`` used, per stage and model
       scheduler/                               luigid.pid, logs/, state.pickle
       .lock                                    held by a local-scheduler run
@@ -95,6 +98,19 @@ class WorkDir:
     def added_table(self, model_folder: str) -> Path:
         """The side table of songs added to indexes of the model in ``train/<model_folder>``."""
         return self.root / "index" / f"added-{model_folder}.parquet"
+
+    @property
+    def probe_cache(self) -> Path:
+        """What the dataset stage learnt of each audio file, kept so a rerun probes only new or changed files."""
+        return self.root / "cache" / "probes.parquet"
+
+    def feature_cache(self, mel_key: str) -> Path:
+        """The folder of per-file log-mels for one :class:`pipeline.mel.MelConfig` key (library runs)."""
+        return self.root / "cache" / f"features-{mel_key}"
+
+    def embedding_cache(self, model_folder: str) -> Path:
+        """The per-file vectors of the model in ``train/<model_folder>`` (library runs)."""
+        return self.root / "cache" / f"embeddings-{model_folder}.parquet"
 
     @property
     def lock_file(self) -> Path:

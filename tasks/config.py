@@ -30,6 +30,9 @@ from pipeline.mel import PRESETS, MelConfig
 from pipeline.sources import GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
 from pipeline.train import TrainConfig
 
+# Windows per track in library runs: 10 windows of 3 s over a 30 s input, one training crop (crop_s) each,
+# spread over the whole song; a clip no longer than duration_s is read whole whatever the setting.
+LIBRARY_SEGMENTS = 10
 PROJECT_CFG = Path(__file__).resolve().parent.parent / "luigi.cfg"
 # melsearch's own flags and the settings they stand for.
 FLAG_SETTINGS = {"split": ("dataset", "split"), "preset": ("features", "preset"), "epochs": ("train", "epochs"),
@@ -112,15 +115,21 @@ def _fields_set(section: str) -> dict[str, Any]:
     return values
 
 
-def mel_config(model_preset: str = "") -> MelConfig:
+def mel_config(model_preset: str = "", *, library: bool = False) -> MelConfig:
     """The log-mel settings of this run: the ``[features]`` preset with the fields set over it.
 
-    ``model_preset``: a model's own input (``MODEL_PRESETS``, e.g. musicnn's), which only the clip length and
-    the storage dtype of the settings may change.
+    ``model_preset``: a model's own input (``MODEL_PRESETS``, e.g. musicnn's), which only the clip length,
+    the storage dtype and ``segments`` of the settings may change. ``library``: a run that indexes a library
+    (``--library``), where songs are whole: ``segments`` defaults to ``LIBRARY_SEGMENTS`` there, not 1, for
+    the model's training features as well, so that the model, its library and files queried later share one
+    rule.
     """
     values = _fields_set("features")
+    if library:
+        values.setdefault("segments", LIBRARY_SEGMENTS)
     if model_preset:
-        return MelConfig.preset(model_preset, **{k: v for k, v in values.items() if k in ("duration_s", "dtype")})
+        carried = ("duration_s", "dtype", "segments")
+        return MelConfig.preset(model_preset, **{k: v for k, v in values.items() if k in carried})
     return MelConfig.preset(features().preset, **values)
 
 

@@ -49,6 +49,7 @@ class Dataset(StageTask):
             if not extracted.is_dir():
                 extract_archive(archive, extracted)
             folder = audio_root(extracted)
-        figures = build_manifest(folder, self.artifact, split=cfg.split, seed=cfg.split_seed)
+        figures = build_manifest(folder, self.artifact, split=cfg.split, seed=cfg.split_seed,
+                                 probe_cache=self.layout.probe_cache)
         self.set_status_message(f"{figures['ok']} ok, {figures['rejected']} rejected")
         self.finish(figures)

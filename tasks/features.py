@@ -8,6 +8,7 @@ from pipeline.feature_shards import merge_feature_shards, shard_tracks, write_fe
 from pipeline.feature_store import feature_figures
 from pipeline.io import params_key
 from pipeline.manifest import read_manifest
+from pipeline.mel import MelConfig
 from pipeline.parallel import shutdown_shared_pool
 from tasks.base import StageTask
 from tasks.config import features, features_preset, mel_config
@@ -17,13 +18,19 @@ from tasks.dataset import Dataset
 class FeaturesBase(StageTask):
     stage = "features"
     model_preset = luigi.Parameter(default="", description="a model's own features preset ('': [features] preset)")
+    library = luigi.Parameter(default="", description="the library a run indexes ('': none); sets mel_config's")
+
+    @property
+    def mel_config(self) -> MelConfig:
+        """This run's log-mel settings (whole songs when the run indexes a library)."""
+        return mel_config(self.model_preset, library=bool(self.library))
 
     def requires(self) -> Dataset:
         return self.clone(Dataset)
 
     @property
     def key(self) -> str:
-        return params_key([self.clone(Dataset).key, mel_config(self.model_preset).key(), features().shard_size])
+        return params_key([self.clone(Dataset).key, self.mel_config.key(), features().shard_size])
 
     def shards(self) -> list[list[tuple[str, str]]]:
         return shard_tracks(read_manifest(self.clone(Dataset).artifact, status="ok"), features().shard_size)
@@ -39,7 +46,7 @@ class FeatureShard(FeaturesBase):
 
     def run(self) -> None:
         tracks = self.shards()[self.shard]
-        write_feature_shard(tracks, self.output().path, mel_config(self.model_preset),
+        write_feature_shard(tracks, self.output().path, self.mel_config,
                             workers=features().processes or None, progress=self.report)
 
 

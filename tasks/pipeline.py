@@ -19,33 +19,40 @@ from pipeline.layout import FIGURES_FILE, STAGES, WorkDir
 from tasks.base import StageTask
 from tasks.dataset import Dataset
 from tasks.features import Features, features_for
+from tasks.library import LibraryFeatures, library_dataset, library_features_for
 from tasks.search import Embeddings, Index
 from tasks.train import CompareModels, Train
 
 log = logging.getLogger(__name__)
 
-STAGE_TASKS = {"dataset": Dataset, "features": Features, "train": Train, "embeddings": Embeddings, "index": Index}
-
 
 class Pipeline(luigi.WrapperTask):
-    """Every stage up to ``stage`` for each model in ``models`` (plus a comparison plot for several models)."""
+    """Every stage up to ``stage`` for each model in ``models`` (plus a comparison plot for several models).
+
+    With ``library``, the models train on the source and the embeddings and index are the library's.
+    """
 
     workdir = luigi.Parameter(default="data/work")
     audio_dir = luigi.Parameter(default="")
     archive = luigi.Parameter(default="")
+    library = luigi.Parameter(default="", description="a folder of music to index by the models")
     stage = luigi.ChoiceParameter(choices=list(STAGES), default="index")
     models = luigi.ListParameter(default=["cifar10"])
 
     def requires(self) -> list[luigi.Task]:
         source = {"workdir": self.workdir, "audio_dir": self.audio_dir, "archive": self.archive}
+        library = {"library": self.library} if self.library else {}
         if self.stage == "dataset":
-            return [Dataset(**source)]
+            return [Dataset(**source), *([library_dataset(self)] if self.library else [])]
         if self.stage == "features":  # one per distinct input the models need
-            return list({task.task_id: task for task in (features_for(Dataset(**source), name)
-                                                          for name in self.models)}.values())
-        tasks = [STAGE_TASKS[self.stage](model=name, **source) for name in self.models]
+            sources = [Features(**source, **library)] + ([LibraryFeatures(**source, **library)] if library else [])
+            return list({task.task_id: task for task in (
+                (library_features_for if isinstance(task, LibraryFeatures) else features_for)(task, name)
+                for task in sources for name in self.models)}.values())
+        per_model = {"train": Train, "embeddings": Embeddings, "index": Index}[self.stage]
+        tasks = [per_model(model=name, **source, **library) for name in self.models]
         if len(self.models) > 1:
-            tasks.append(CompareModels(models=list(self.models), **source))
+            tasks.append(CompareModels(models=list(self.models), **source, **library))
         return tasks
 
 
@@ -61,8 +68,7 @@ def stage_tasks(root: luigi.Task) -> dict[str, list[StageTask]]:
     grouped: dict[str, list[StageTask]] = {stage: [] for stage in STAGES}
     for task in found.values():
         # the comparison plot is drawn from the trained models: it belongs to their stage
-        stage = "train" if isinstance(task, CompareModels) else \
-            next(name for name, cls in STAGE_TASKS.items() if isinstance(task, cls))
+        stage = "train" if isinstance(task, CompareModels) else task.stage
         grouped[stage].append(task)
     return grouped
 
@@ -127,6 +133,7 @@ def run_pipeline(
     workdir: str,
     audio_dir: str = "",
     archive: str = "",
+    library: str = "",
     stage: str = "index",
     models: Sequence[str] = ("cifar10",),
     rerun: str | None = None,
@@ -143,7 +150,10 @@ def run_pipeline(
         raise MelsearchError(f"{audio_dir}: no such folder (--audio-dir)")
     if archive and not Path(archive).is_file():
         raise MelsearchError(f"{archive}: no such file (--archive)")
-    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, stage=stage, models=list(models))
+    if library and not Path(library).is_dir():
+        raise MelsearchError(f"{library}: no such folder (--library)")
+    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, library=library, stage=stage,
+                    models=list(models))
     lock = workdir_lock(workdir) if scheduler_url is None else contextlib.nullcontext()
     with lock:
         if rerun:
@@ -178,10 +188,12 @@ def _record_run(root: Pipeline) -> None:
 
 
 def pipeline_status(
-    *, workdir: str, audio_dir: str = "", archive: str = "", models: Sequence[str] = ("cifar10",)
+    *, workdir: str, audio_dir: str = "", archive: str = "", library: str = "",
+    models: Sequence[str] = ("cifar10",),
 ) -> dict:
     """Per stage: whether its outputs for these settings exist, their paths and headline figures."""
-    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, stage="index", models=list(models))
+    root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, library=library, stage="index",
+                    models=list(models))
     status = {}
     for stage, tasks in stage_tasks(root).items():
         entries = []

@@ -7,28 +7,46 @@ import luigi
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
 from pipeline.io import file_sha256, params_key
+from pipeline.library import write_library_embeddings
 from tasks.base import ModelStageTask
 from tasks.config import index_config, train
 from tasks.dataset import Dataset
 from tasks.features import features_for
+from tasks.library import library_dataset, library_features_for
 from tasks.train import Train
 
 
 class Embeddings(ModelStageTask):
-    """``<workdir>/embeddings/<model>-<key>/embeddings.parquet``: one L2-normalised vector per ``ok`` track."""
+    """``<workdir>/embeddings/<model>-<key>/embeddings.parquet``: one L2-normalised vector per ``ok`` track.
+
+    The tracks are the source's, or with ``library`` the library's (by the model trained on the source),
+    reusing the vectors this model made before for unchanged files.
+    """
 
     stage = "embeddings"
+    library = luigi.Parameter(default="", description="a folder to embed instead of the source ('': the source)")
 
     def requires(self) -> dict[str, luigi.Task]:
+        if self.library:
+            return {"dataset": library_dataset(self), "features": library_features_for(self, self.model),
+                    "model": self.clone(Train)}
         return {"dataset": self.clone(Dataset), "features": features_for(self, self.model), "model": self.clone(Train)}
 
     @property
     def key(self) -> str:
+        if self.library:  # the library's identity: its features key holds its folder listing
+            return params_key([self.clone(Train).key, library_features_for(self, self.model).key])
         return params_key([self.clone(Train).key])
 
     def run(self) -> None:
-        figures = write_embeddings(self.clone(Dataset).artifact, features_for(self, self.model).artifact,
-                                   self.clone(Train).stage_dir, self.artifact, device=train().device)
+        inputs, model_dir = self.requires(), self.clone(Train).stage_dir
+        if self.library:
+            figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
+                                               self.artifact, self.layout.embedding_cache(model_dir.name),
+                                               device=train().device)
+        else:
+            figures = write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
+                                       self.artifact, device=train().device)
         self.finish(figures)
 
 
@@ -40,6 +58,7 @@ class Index(ModelStageTask):
     """
 
     stage = "index"
+    library = luigi.Parameter(default="", description="index this folder instead of the source ('': the source)")
 
     def requires(self) -> Embeddings:
         return self.clone(Embeddings)

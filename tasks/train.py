@@ -21,6 +21,7 @@ class Train(ModelStageTask):
 
     stage = "train"
     resources = {"gpu": 1}
+    library = luigi.Parameter(default="", description="the library the run indexes: its features rule is the model's")
 
     def requires(self) -> dict[str, luigi.Task]:
         return {"features": features_for(self, self.model), "dataset": self.clone(Dataset)}
@@ -40,6 +41,7 @@ class CompareModels(StageTask):
 
     stage = "train"
     models = luigi.ListParameter()
+    library = luigi.Parameter(default="")
 
     def requires(self) -> list[Train]:
         return [self.clone(Train, model=name) for name in self.models]

@@ -1,0 +1,252 @@
+"""A library's features and vectors, cached per audio file: a rerun after adding N files decodes exactly N.
+
+A library is a folder of music to index (labels optional) with a model trained elsewhere. Its stages keep
+what they computed per file version (:func:`pipeline.dataset.file_identity`: resolved path, size, mtime):
+
+- log-mels in ``<workdir>/cache/features-<mel key>/part-<hash>.h5``, each part written by the pool worker
+  that extracted its files (``mel`` (rows, n_mels, n_frames), ``identity`` and ``n_frames`` per row, and the
+  files that failed with their reasons in the ``failed`` attribute, so a bad file is not decoded again);
+- vectors in ``<workdir>/cache/embeddings-<model folder>.parquet`` (identity, predicted label, vector).
+
+A library's features folder holds ``tracks.parquet``: for each track of the manifest with features, its
+identity and where its log-mel is (part file, row). The embeddings file is the usual one
+(:mod:`pipeline.embeddings`), so the index and every reader are the same as for the labelled source. A file
+that left the folder leaves the manifest, hence ``tracks.parquet``, the embeddings and the next index; its
+cache entries stay (they cost disk only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import as_completed
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
+
+from pipeline.dataset import file_identity
+from pipeline.embeddings import read_embeddings, write_embedding_rows
+from pipeline.errors import MelsearchError
+from pipeline.io import atomic_path
+from pipeline.manifest import read_manifest
+from pipeline.mel import MelConfig, log_mel_for_file
+from pipeline.parallel import shared_pool
+
+log = logging.getLogger(__name__)
+
+TRACKS_FILE = "tracks.parquet"
+PART_SIZE = 8  # files per cache part: as the features stage's parts, small enough to balance the pool
+_TRACK_SCHEMA = pa.schema([("track_id", pa.string()), ("path", pa.string()), ("identity", pa.string()),
+                           ("part", pa.string()), ("row", pa.int32()), ("n_frames", pa.int32())])
+
+
+def _write_cache_part(items: Sequence[tuple[str, str]], folder: str, cfg: MelConfig) -> str:
+    """Worker side: the log-mels of ``(identity, path)`` items into a new part of the cache ``folder``.
+
+    Written under a temporary name and renamed, so a part is whole or absent. Returns the part's file name.
+    """
+    name = "part-" + hashlib.sha256("\0".join(identity for identity, _ in items).encode()).hexdigest()[:16] + ".h5"
+    shape = (cfg.n_mels, cfg.n_frames)
+    tmp = Path(folder) / f".{name}.{os.getpid()}.tmp"
+    identities, n_frames, failed = [], [], {}
+    with threadpool_limits(limits=1), h5py.File(tmp, "w") as h5:
+        mel = h5.create_dataset("mel", (len(items), *shape), maxshape=(None, *shape), dtype=cfg.dtype,
+                                chunks=(1, *shape))
+        for identity, path in items:
+            try:
+                spectrogram, n_true = log_mel_for_file(path, cfg)
+            except MelsearchError as exc:
+                failed[identity] = str(exc)
+                continue
+            mel.id.write_direct_chunk((len(identities), 0, 0), np.ascontiguousarray(spectrogram, dtype=cfg.dtype))
+            identities.append(identity)
+            n_frames.append(n_true)
+        mel.resize(len(identities), axis=0)
+        h5.create_dataset("identity", data=identities, dtype=h5py.string_dtype("utf-8"))
+        h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
+        h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+        h5.attrs["failed"] = json.dumps(failed)
+    os.replace(tmp, Path(folder) / name)
+    return name
+
+
+def scan_feature_cache(folder: str | os.PathLike) -> dict[str, tuple[str, int, int] | str]:
+    """What a cache folder knows: identity -> (part file name, row, frames holding audio), or the failure reason."""
+    known: dict[str, tuple[str, int, int] | str] = {}
+    for part in sorted(Path(folder).glob("part-*.h5")):
+        try:
+            with h5py.File(part, "r") as h5:
+                identities, n_frames = h5["identity"].asstr()[...], h5["n_frames"][...]
+                failed = json.loads(h5.attrs.get("failed", "{}"))
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("%s: unreadable cache part, ignored (%s)", part, exc)
+            continue
+        known.update(failed)
+        known.update({identity: (part.name, row, int(frames))
+                      for row, (identity, frames) in enumerate(zip(identities, n_frames, strict=True))})
+    return known
+
+
+def write_library_features(
+    tracks: Sequence[tuple[str, str]],
+    out_path: str | os.PathLike,
+    cfg: MelConfig,
+    cache_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Log-mels of ``(track_id, path)`` tracks, decoding only the files the cache does not know; ``tracks.parquet``.
+
+    New files are extracted ``PART_SIZE`` at a time into new cache parts by this process's shared pool
+    (:func:`pipeline.parallel.shared_pool`; ``workers=1`` extracts here). A file that fails to decode is
+    recorded (here and in the cache) and left out, never fatal.
+
+    Returns
+    -------
+    ``{"tracks", "extracted", "reused", "failed", "failed_tracks": [{"track_id", "path", "reason"}]}``:
+    ``extracted`` files decoded now (failed ones included), ``reused`` found in the cache (failures included).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    known = scan_feature_cache(cache_dir)
+    identity_of, failed = {}, []
+    for track_id, path in tracks:
+        try:
+            identity_of[track_id] = file_identity(path)
+        except OSError as exc:
+            failed.append({"track_id": track_id, "path": path, "reason": f"{path}: {exc.strerror or exc}"})
+    todo = sorted({identity: path for track_id, path in tracks if (identity := identity_of.get(track_id))
+                   and identity not in known}.items())
+    parts = [todo[start : start + PART_SIZE] for start in range(0, len(todo), PART_SIZE)]
+    workers = min(len(parts), (os.cpu_count() or 1) if workers is None else workers)
+    if workers <= 1:
+        names = [_write_cache_part(part, str(cache_dir), cfg) for part in parts]
+        for done, _ in enumerate(names, start=1):
+            if progress is not None:
+                progress(done, len(parts))
+    else:
+        pool = shared_pool(workers, preload=("pipeline.library",))
+        futures = [pool.submit(_write_cache_part, part, str(cache_dir), cfg) for part in parts]
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()
+            if progress is not None:
+                progress(done, len(parts))
+    if todo:
+        known = scan_feature_cache(cache_dir)
+    rows = []
+    for track_id, path in tracks:
+        entry = known.get(identity_of.get(track_id, ""))
+        if isinstance(entry, tuple):
+            rows.append({"track_id": track_id, "path": path, "identity": identity_of[track_id], "part": entry[0],
+                         "row": entry[1], "n_frames": entry[2]})
+        elif track_id in identity_of:
+            failed.append({"track_id": track_id, "path": path, "reason": entry or "not in the feature cache"})
+    for record in failed:
+        log.warning("skipping %s: %s", record["track_id"], record["reason"])
+    metadata = {"mel_config": json.dumps(cfg.to_dict(), sort_keys=True), "cache": os.path.abspath(cache_dir)}
+    with atomic_path(out_path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=_TRACK_SCHEMA.with_metadata(metadata)), tmp)
+    decoded = {identity for identity, _ in todo}
+    extracted = sum(1 for track_id, _ in tracks if identity_of.get(track_id) in decoded)
+    log.info("%s: %d tracks, %d extracted, %d from the cache, %d failed", out_path, len(rows), extracted,
+             len(identity_of) - extracted, len(failed))
+    return {"tracks": len(rows), "extracted": extracted, "reused": len(identity_of) - extracted,
+            "failed": len(failed), "failed_tracks": failed}
+
+
+def read_library_tracks(path: str | os.PathLike) -> tuple[list[dict], MelConfig, Path]:
+    """``tracks.parquet``'s rows, the :class:`MelConfig` of their log-mels and the cache folder holding them."""
+    path = Path(path)
+    if not path.is_file():
+        raise MelsearchError(f"{path}: no library features here (run the features stage first)")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if b"mel_config" not in meta or b"cache" not in meta:
+        raise MelsearchError(f"{path}: not a library tracks file (no mel_config or cache in its metadata)")
+    return table.to_pylist(), MelConfig.from_dict(json.loads(meta[b"mel_config"])), Path(meta[b"cache"].decode())
+
+
+def read_cached_mels(rows: Sequence[dict], cache_dir: Path, cfg: MelConfig) -> np.ndarray:
+    """Log-mels of ``tracks.parquet`` rows: (len(rows), n_mels, n_frames) float32, each part file opened once."""
+    out = np.empty((len(rows), cfg.n_mels, cfg.n_frames), dtype=np.float32)
+    by_part: dict[str, list[int]] = {}
+    for position, row in enumerate(rows):
+        by_part.setdefault(row["part"], []).append(position)
+    for part, positions in by_part.items():
+        try:
+            with h5py.File(cache_dir / part, "r") as h5:
+                for position in positions:
+                    h5["mel"].read_direct(out, source_sel=np.s_[rows[position]["row"]], dest_sel=np.s_[position])
+        except OSError as exc:
+            raise MelsearchError(f"{cache_dir / part}: unreadable feature cache part ({exc})") from exc
+    return out
+
+
+def _batches(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def write_library_embeddings(
+    manifest_path: str | os.PathLike,
+    tracks_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    cache_path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> dict:
+    """The embeddings file of a library, computing only the vectors ``cache_path`` lacks for this model.
+
+    Each vector is :meth:`GenreClassifier.embed_and_predict`'s, as in :func:`pipeline.embeddings.write_embeddings`;
+    rows are the manifest's ``ok`` tracks with features. The cache (a Parquet embeddings file whose
+    ``track_id`` column holds file identities) is rewritten with the new vectors added.
+
+    Returns
+    -------
+    ``{"tracks", "dim", "computed", "reused"}``.
+    """
+    from pipeline.classifier import GenreClassifier  # torch
+
+    model_dir, cache_path = Path(model_dir).resolve(), Path(cache_path)
+    classifier = GenreClassifier.load(model_dir, device=device)
+    tracks, cfg, cache_dir = read_library_tracks(tracks_path)
+    if cfg.key() != classifier.feature_key:
+        raise MelsearchError(f"{tracks_path}: features key {cfg.key()} differ from the {classifier.feature_key} "
+                             f"that model {model_dir} was trained on")
+    by_id = {row["track_id"]: row for row in tracks}
+    rows = [row for row in read_manifest(manifest_path, status="ok") if row["track_id"] in by_id]
+    if not rows:
+        raise MelsearchError(f"{tracks_path}: none of the ok tracks of {manifest_path} has features")
+    cached_rows, cached_vectors = read_embeddings(cache_path) if cache_path.is_file() else ([], np.zeros((0, 0)))
+    cached = {row["track_id"]: (row["predicted_label"], vector)
+              for row, vector in zip(cached_rows, cached_vectors, strict=True)}
+    todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
+                 if by_id[row["track_id"]]["identity"] not in cached}.values())
+    todo.sort(key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
+    for batch in _batches(todo, batch_size):
+        mels = read_cached_mels(batch, cache_dir, cfg)
+        vectors, probabilities = classifier.embed_and_predict(mels, n_frames=np.array([r["n_frames"] for r in batch]),
+                                                              names=[r["track_id"] for r in batch])
+        for row, vector, p in zip(batch, vectors, probabilities.argmax(axis=1), strict=True):
+            cached[row["identity"]] = (classifier.labels[p] if classifier.labels else "", vector)
+    metadata = {"model": classifier.model_name, "model_key": model_dir.name, "feature_key": classifier.feature_key}
+    if todo:
+        keys = sorted(cached)
+        write_embedding_rows([{"track_id": key, "predicted_label": cached[key][0]} for key in keys],
+                             np.stack([cached[key][1] for key in keys]), cache_path, metadata=metadata)
+    out_rows = [{**row, "predicted_label": cached[by_id[row["track_id"]]["identity"]][0]} for row in rows]
+    vectors = np.stack([cached[by_id[row["track_id"]]["identity"]][1] for row in rows])
+    write_embedding_rows(out_rows, vectors, out_path, metadata=metadata)
+    log.info("embedded %d library tracks with %s: %d computed, %d reused", len(rows), model_dir.name, len(todo),
+             len(rows) - len(todo))
+    return {"tracks": len(rows), "dim": int(vectors.shape[1]), "computed": len(todo), "reused": len(rows) - len(todo)}

@@ -1,0 +1,53 @@
+"""A library's own stages: its manifest is a Dataset of its folder; its features are cached per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import luigi
+
+from pipeline.io import params_key
+from pipeline.library import TRACKS_FILE, write_library_features
+from pipeline.manifest import read_manifest
+from pipeline.parallel import shutdown_shared_pool
+from tasks.config import features, features_preset
+from tasks.dataset import Dataset
+from tasks.features import FeaturesBase
+
+
+def library_dataset(task: luigi.Task) -> Dataset:
+    """The dataset stage of ``task``'s library: the folder as a source of its own (its own key and manifest)."""
+    return Dataset(workdir=task.workdir, audio_dir=task.library)
+
+
+class LibraryFeatures(FeaturesBase):
+    """``<workdir>/features/<key>/tracks.parquet``: where each library track's log-mel is in the per-file cache.
+
+    Only files the cache (``<workdir>/cache/features-<mel key>/``) does not know are decoded; the figures
+    say how many (``extracted``) and how many came from it (``reused``).
+    """
+
+    def requires(self) -> Dataset:
+        return library_dataset(self)
+
+    @property
+    def key(self) -> str:
+        return params_key([library_dataset(self).key, self.mel_config.key(), "by-file"])
+
+    @property
+    def artifact(self) -> Path:
+        return self.stage_dir / TRACKS_FILE
+
+    def run(self) -> None:
+        rows = read_manifest(library_dataset(self).artifact, status="ok")
+        cfg = self.mel_config
+        figures = write_library_features([(row["track_id"], row["path"]) for row in rows], self.artifact, cfg,
+                                         self.layout.feature_cache(cfg.key()), workers=features().processes or None,
+                                         progress=self.report)
+        shutdown_shared_pool()  # free the workers' memory for the stages after
+        self.finish(figures)
+
+
+def library_features_for(task: luigi.Task, model: str) -> LibraryFeatures:
+    """The library features that feed ``model`` (its own preset for a pretrained model) in ``task``'s run."""
+    return task.clone(LibraryFeatures, model_preset=features_preset(model))
