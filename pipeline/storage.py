@@ -126,6 +126,19 @@ class S3Store:
 
     # -- reading the bucket -------------------------------------------------------------------------------
 
+    def check_bucket(self) -> None:
+        """Raise MelsearchError, naming the bucket, when it does not exist or cannot be reached."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                raise MelsearchError(f"{SCHEME}{self.bucket}: no such bucket (create it first)") from None
+            raise self._error(exc, "") from None
+        except self._errors() as exc:
+            raise self._error(exc, "") from None
+
     def exists(self, path: str | os.PathLike) -> bool:
         """Whether the object of ``path`` (a file in the mirror) is in the bucket."""
         return self._head(self.key(path)) is not None
@@ -301,10 +314,12 @@ class S3Store:
 
 
 def open_store(uri: str) -> S3Store:
-    """The :class:`S3Store` of ``uri`` in :func:`cache_dir` (one per work directory and cache: one client)."""
+    """The :class:`S3Store` of ``uri`` in :func:`cache_dir`, its bucket checked (once per process and cache)."""
     return _open_store(uri, str(cache_dir()))
 
 
 @functools.lru_cache(maxsize=8)
 def _open_store(uri: str, cache: str) -> S3Store:
-    return S3Store(uri, cache)
+    store = S3Store(uri, cache)
+    store.check_bucket()  # one line naming the bucket, rather than a traceback from the first task's check
+    return store

@@ -21,8 +21,8 @@ from helpers import FAST, ROOT, melsearch
 from pipeline.storage import S3Store
 
 STAGES = ("dataset", "features", "train", "embeddings", "index")
-# shards of 4 tracks, one process each: six FeatureShard tasks for two workers to share
-SMALL_SHARDS = ["--set", "features.shard_size=4", "--set", "features.processes=1"]
+# FAST's shards of 10 tracks: 3 FeatureShard tasks for the 24 clips
+SHARDS = 3
 
 
 def free_port() -> int:
@@ -131,11 +131,19 @@ def test_whole_pipeline_into_a_bucket_then_query_and_status_from_another_cache(b
     assert "w/latest-run.json" in keys
     assert not [key for key in keys if "/." in key or key.endswith(".tmp")], "temporary files uploaded"
 
+    def versions(found: dict[str, dict]) -> dict[str, tuple]:
+        return {key: (item["ETag"], item["LastModified"]) for key, item in found.items()}
+
     melsearch("run", "--workdir", workdir, "--audio-dir", str(synth_dir), *FAST)  # every stage done: no upload
-    assert {key: item["ETag"] for key, item in objects(bucket).items()} == \
-        {key: item["ETag"] for key, item in keys.items()}
-    assert {key: item["LastModified"] for key, item in objects(bucket).items()} == \
-        {key: item["LastModified"] for key, item in keys.items()}
+    assert versions(objects(bucket)) == versions(keys)
+    melsearch("run", "--workdir", workdir, "--audio-dir", str(synth_dir), *FAST, "--rerun", "index")
+    after = objects(bucket)
+    changed = {key for key, version in versions(after).items() if version != versions(keys)[key]}
+    assert set(after) == set(keys) and changed and all(key.startswith("w/index/") for key in changed), changed
+
+    missing = melsearch("status", "--workdir", f"s3://{bucket}-none/w", check=False)
+    assert missing.returncode == 1 and missing.stderr.strip() == f"melsearch: s3://{bucket}-none: no such bucket " \
+        "(create it first)"
 
     monkeypatch.setenv("MELSEARCH_CACHE", str(tmp_path / "elsewhere"))  # a machine that ran nothing
     report = json.loads(melsearch("status", "--json", "--workdir", workdir, "--audio-dir", str(synth_dir),
@@ -163,7 +171,7 @@ def test_two_workers_on_two_caches_finish_one_dag_under_luigid(bucket, synth_dir
     config = tmp_path / "workers.cfg"
     config.write_text("[worker]\nkeep_alive = true\nwait_interval = 0.2\nwait_jitter = 0.2\n")
     command = [sys.executable, "-m", "pipeline", "run", "-v", "--workdir", workdir, "--audio-dir", str(synth_dir),
-               *FAST, *SMALL_SHARDS, "--scheduler-url", f"http://127.0.0.1:{port}"]
+               *FAST, "--scheduler-url", f"http://127.0.0.1:{port}"]
     workers: dict[str, subprocess.Popen] = {}
     deadline = time.monotonic() + 300
     try:
@@ -189,10 +197,10 @@ def test_two_workers_on_two_caches_finish_one_dag_under_luigid(bucket, synth_dir
     assert "Dataset" in ran["a"] and {"Train", "Embeddings", "Index"} <= set(ran["b"]), ran
     stages = [family for families in ran.values() for family in families if family != "Pipeline"]
     assert len(stages) == len(set(stages) - {"FeatureShard"}) + stages.count("FeatureShard"), ran  # each once
-    assert stages.count("FeatureShard") == 6, ran
+    assert stages.count("FeatureShard") == SHARDS, ran
     keys = list(objects(bucket, "two/"))
     assert {key.split("/")[1] for key in finished_folders(keys)} == set(STAGES)
-    assert len([key for key in keys if re.search(r"/shards/shard-\d+\.h5$", key)]) == 6
+    assert len([key for key in keys if re.search(r"/shards/shard-\d+\.h5$", key)]) == SHARDS
     assert list((tmp_path / "cache-b").rglob("manifest.parquet")), "worker b did not read a's dataset"
 
 
@@ -200,7 +208,7 @@ def test_sigkill_mid_training_leaves_no_finished_looking_folder_and_the_rerun_co
                                                                                          tmp_path):
     workdir = f"s3://{bucket}/k"
     mirror = tmp_path / "cache" / bucket / "k"
-    args = ["run", "--workdir", workdir, "--audio-dir", str(synth_dir), *FAST, *SMALL_SHARDS]
+    args = ["run", "--workdir", workdir, "--audio-dir", str(synth_dir), *FAST]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
