@@ -13,10 +13,10 @@ alive until :func:`shutdown_shared_pool` (or the interpreter's exit). Its worker
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -57,8 +57,12 @@ def shared_pool(workers: int, *, preload: Sequence[str] = ()) -> ProcessPoolExec
         if method == "forkserver" and preload:
             context.set_forkserver_preload(list(preload))
         started = time.perf_counter()
-        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+        _pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                    initargs=(os.getpid(),))
         _pool_key = key
+        # Stopped at this process's exit, before multiprocessing joins its children: in a Luigi task process
+        # (a multiprocessing child, which skips atexit) that join would otherwise wait on idle workers forever.
+        multiprocessing.util.Finalize(None, _stop_at_exit, exitpriority=10)
         log.debug("process pool: %d %s workers (%.2f s)", workers, method, time.perf_counter() - started)
     return _pool
 
@@ -73,17 +77,31 @@ def shutdown_shared_pool() -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-atexit.register(shutdown_shared_pool)
+
+def _stop_at_exit() -> None:
+    """At exit nothing waits on the pool any more: stop its workers at once.
+
+    The orderly :func:`shutdown_shared_pool` handshake hangs when run from multiprocessing's exit hook in a
+    forked child (seen in Luigi task processes under ``--workers 2``), so the idle workers are terminated.
+    """
+    global _pool, _pool_key
+    pool, owner = _pool, _pool_key
+    _pool = _pool_key = None
+    if pool is None or owner is None or owner[0] != os.getpid():
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _init_worker() -> None:
+def _init_worker(owner_pid: int) -> None:
     """Pool initializer: one BLAS thread, leave Ctrl-C to the parent, reuse freed memory, die with the parent."""
     threadpool_limits(limits=1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_memory()
-    # A SIGKILLed parent cannot stop its pool, and an idle worker would wait on its queue forever. Our parent
-    # is the forkserver (which exits with the pool's owner) or the owner itself.
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # A SIGKILLed owner cannot stop its pool, and an idle worker would wait on its queue forever. Our parent is
+    # the forkserver (which outlives the owner while any process forked from the owner lives) or the owner.
+    threading.Thread(target=_exit_with_owner, args=(owner_pid, os.getppid()), daemon=True).start()
 
 
 def _keep_freed_memory() -> None:
@@ -101,7 +119,17 @@ def _keep_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
+def _exit_with_owner(owner_pid: int, parent_pid: int) -> None:
+    while os.getppid() == parent_pid and _alive(owner_pid):
         time.sleep(1.0)
     os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process took the number: ours is gone
+        return False
+    return True
