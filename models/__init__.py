@@ -1,30 +1,45 @@
-"""Network definitions, one per file, the name -> class registry, and the pretrained networks' loaders."""
+"""Network definitions, one per file, the name -> class registry, and the pretrained networks' loaders.
+
+The names and presets import nothing heavy; the classes (``MODELS``, ``PRETRAINED``, :func:`build_model`) load
+torch on first use, so reading settings or running the feature stages does not pay torch's start-up.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from typing import Any
 
-from torch import nn
-
-from models.cifar10 import Cifar10Net
-from models.musicnn import load_pretrained_musicnn
-from models.musicnn_genre import MusicnnGenre
-from models.resnet_v2 import ResNetV2
 from pipeline.errors import MelsearchError
 
-MODELS: dict[str, type[nn.Module]] = {"cifar10": Cifar10Net, "resnet_v2": ResNetV2, "musicnn": MusicnnGenre}
-MODEL_NAMES = tuple(MODELS)
+# name -> "module:class" of each genre model
+_CLASSES = {"cifar10": "models.cifar10:Cifar10Net", "resnet_v2": "models.resnet_v2:ResNetV2",
+            "musicnn": "models.musicnn_genre:MusicnnGenre"}
+MODEL_NAMES = tuple(_CLASSES)
 # Trained from scratch on any log-mel; the others sit on a pretrained backbone with its own input.
 SCRATCH_MODELS = ("cifar10", "resnet_v2")
 # The features preset a model's input needs ("" = the configured [features] preset).
 MODEL_PRESETS = {"musicnn": "musicnn"}
-# Networks with published weights, not trained by the pipeline: name -> loader of the module in eval mode
-PRETRAINED: dict[str, Callable[..., nn.Module]] = {"musicnn": load_pretrained_musicnn}
+# Networks with published weights, not trained by the pipeline: name -> "module:loader" (eval-mode module)
+_PRETRAINED = {"musicnn": "models.musicnn:load_pretrained_musicnn"}
 
 
-def build_model(name: str, *, n_classes: int, n_mels: int, **kwargs: Any) -> nn.Module:
-    """A fresh, randomly initialised model ``name`` for (B, 1, n_mels, T) inputs and ``n_classes`` outputs.
+def _load(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    """``MODELS`` (name -> nn.Module class) and ``PRETRAINED`` (name -> loader), imported on first use."""
+    if name == "MODELS":
+        return {key: _load(target) for key, target in _CLASSES.items()}
+    if name == "PRETRAINED":
+        return {key: _load(target) for key, target in _PRETRAINED.items()}
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
+
+
+def build_model(name: str, *, n_classes: int, n_mels: int, **kwargs: Any) -> Any:
+    """A fresh, randomly initialised model ``name`` (an ``nn.Module``) for (B, 1, n_mels, T) inputs and
+    ``n_classes`` outputs.
 
     ``kwargs`` override fields of the model's config dataclass (e.g. ``channels`` or ``dropout``).
 
@@ -33,9 +48,9 @@ def build_model(name: str, *, n_classes: int, n_mels: int, **kwargs: Any) -> nn.
     MelsearchError
         For an unknown name, an unknown keyword or an input too small for the model.
     """
-    if name not in MODELS:
+    if name not in _CLASSES:
         raise MelsearchError(f"unknown model {name!r} (choose from {', '.join(MODEL_NAMES)})")
     try:
-        return MODELS[name](n_classes=n_classes, n_mels=n_mels, **kwargs)
+        return _load(_CLASSES[name])(n_classes=n_classes, n_mels=n_mels, **kwargs)
     except (TypeError, ValueError) as exc:
         raise MelsearchError(f"model {name}: {exc}") from exc

@@ -1,7 +1,7 @@
 """Stage settings: defined once, by the library's frozen dataclasses; Luigi's config sections are built from them.
 
 Each stage section of ``luigi.cfg`` (``[features]``, ``[train]``, ``[index]``) takes every field of its dataclass
-(:class:`~pipeline.mel.MelConfig`, :class:`~pipeline.train.TrainConfig`, :class:`~pipeline.index.IndexConfig`)
+(:class:`~pipeline.mel.MelConfig`, :class:`~pipeline.train_config.TrainConfig`, :class:`~pipeline.index.IndexConfig`)
 plus a few run settings that shape no output (``processes``, ``device``) or choose what runs (``preset``,
 ``shard_size``, ``model``). ``[dataset]`` is written out here, having no dataclass. A field left unset takes the
 dataclass's default (for ``[features]``, the preset's value). The same names are set with
@@ -28,7 +28,7 @@ from pipeline.errors import MelsearchError
 from pipeline.index import IndexConfig
 from pipeline.mel import PRESETS, MelConfig
 from pipeline.sources import GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
-from pipeline.train import TrainConfig
+from pipeline.train_config import TrainConfig
 
 # Windows per track in library runs: 10 windows of 3 s over a 30 s input, one training crop (crop_s) each,
 # spread over the whole song; a clip no longer than duration_s is read whole whatever the setting.

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import luigi
 
-from pipeline.evaluate import plot_model_comparison
 from pipeline.io import params_key
-from pipeline.train import train_model
 from tasks.base import ModelStageTask, StageTask
 from tasks.config import train, train_config
 from tasks.dataset import Dataset
@@ -31,6 +29,8 @@ class Train(ModelStageTask):
         return params_key([features_for(self, self.model).key, train_config(self.model).to_dict()])
 
     def run(self) -> None:
+        from pipeline.train import train_model  # torch: imported by the stage that trains, not by every run
+
         metrics = train_model(features_for(self, self.model).artifact, self.clone(Dataset).artifact, self.stage_dir,
                               train_config(self.model), device=train().device, progress=self.report)
         self.finish(metrics)
@@ -54,4 +54,6 @@ class CompareModels(StageTask):
         return luigi.LocalTarget(str(self.layout.comparison_plot(self.key)))
 
     def run(self) -> None:
+        from pipeline.evaluate import plot_model_comparison  # matplotlib: only here
+
         plot_model_comparison([task.stage_dir for task in self.requires()], self.output().path)
