@@ -1,12 +1,14 @@
-# melsearch: `make run` (whole pipeline on GTZAN, or AUDIO_DIR=~/Music), `make test`, `make demo`.
+# melsearch: `make run` (whole pipeline on GTZAN, or AUDIO_DIR=~/Music; LIBRARY=~/Music indexes it), `make test`, `make demo`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= data/work
 AUDIO_DIR ?=
 ARCHIVE ?=
+LIBRARY ?=
 ARGS ?=
-SOURCE := $(if $(AUDIO_DIR),--audio-dir "$(AUDIO_DIR)",$(if $(ARCHIVE),--archive "$(ARCHIVE)",))
+SOURCE := $(if $(AUDIO_DIR),--audio-dir "$(AUDIO_DIR)",$(if $(ARCHIVE),--archive "$(ARCHIVE)",)) \
+	$(if $(LIBRARY),--library "$(LIBRARY)",)
 
 .PHONY: run demo test lint bench clean-venv
 
