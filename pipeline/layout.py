@@ -175,7 +175,7 @@ class WorkDir:
     def _choose(self, stage: str, model: str | None) -> tuple[Path, str]:
         recorded = self._recorded(stage, model)
         if recorded is not None:
-            return recorded, f"the latest run's ({RUN_RECORD})"
+            return recorded, f"named by {RUN_RECORD}, the latest run's"
         marker = WRITTEN_LAST[stage]
         pattern = f"{model}-*/{marker}" if model else f"*/{marker}"
         if self.store is None:
@@ -189,7 +189,7 @@ class WorkDir:
             what = f"{model} " if model else ""
             raise MelsearchError(f"{self.location(self.root / stage)}: no finished {what}{stage} here "
                                  "(run the pipeline first)")
-        return found[-1].parent, f"the newest finished (no {RUN_RECORD} names one)"
+        return found[-1].parent, f"the newest finished; no {RUN_RECORD} names one"
 
     def _recorded(self, stage: str, model: str | None) -> Path | None:
         by_model = self.read_run_record().get(stage, {})
