@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("s3://") for arg in argv):  # luigi.cfg may name the endpoint: tasks/ reads it
+        from tasks.config import export_s3_endpoint
+
+        export_s3_endpoint()
     if argv[:1] == ["query"]:
         from pipeline.query_cli import main as query_main
 

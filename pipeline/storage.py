@@ -54,14 +54,9 @@ def cache_dir() -> Path:
 
 
 def client_options() -> dict[str, Any]:
-    """boto3 client options: the endpoint from ``AWS_ENDPOINT_URL`` or Luigi's ``[s3]`` section."""
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        return {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    # read lazily from Luigi's own configuration, so that S3Target (Luigi's client) and this one talk to
-    # the same endpoint whichever way the user set it
-    import luigi.configuration
-
-    endpoint = luigi.configuration.get_config().get("s3", "endpoint_url", None)
+    """boto3 client options: the endpoint from ``AWS_ENDPOINT_URL`` (the ``melsearch`` command sets it from
+    ``luigi.cfg``'s ``[s3] endpoint_url`` when only that is given, so this client and Luigi's agree)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
     return {"endpoint_url": endpoint} if endpoint else {}
 
 

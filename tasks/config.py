@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -193,6 +194,23 @@ def settings_from_flags(flags: dict[str, Any], sets: Iterable[str] = (), extra: 
     return overrides
 
 
+def export_s3_endpoint() -> None:
+    """``[s3] endpoint_url`` of luigi.cfg into ``AWS_ENDPOINT_URL`` when that is unset, for the library's client.
+
+    Luigi's S3Target reads the section itself; :mod:`pipeline.storage` knows nothing of Luigi and reads the
+    environment, so both reach the same endpoint however the user set it.
+    """
+    _read_project_cfg()
+    endpoint = luigi.configuration.get_config().get("s3", "endpoint_url", None)
+    if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def _read_project_cfg() -> None:
+    if not Path("luigi.cfg").exists() and PROJECT_CFG.exists():
+        luigi.configuration.add_config_path(str(PROJECT_CFG))
+
+
 def configure(overrides: dict[tuple[str, str], str] | None = None, *, models: Iterable[str] = ()) -> None:
     """Read luigi.cfg (the working directory's, else the project's), apply ``overrides``, and check every setting.
 
@@ -202,8 +220,8 @@ def configure(overrides: dict[tuple[str, str], str] | None = None, *, models: It
         One line, for an option no stage section has (from luigi.cfg or an override) or a value its
         dataclass refuses; nothing has run yet.
     """
-    if not Path("luigi.cfg").exists() and PROJECT_CFG.exists():
-        luigi.configuration.add_config_path(str(PROJECT_CFG))
+    _read_project_cfg()
+    export_s3_endpoint()
     config = luigi.configuration.get_config()
     for (section, option), value in (overrides or {}).items():
         if section not in SECTIONS:

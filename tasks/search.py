@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import luigi
 
 from pipeline.embeddings import write_embeddings
@@ -64,13 +67,17 @@ class Index(ModelStageTask):
         return self.clone(Embeddings)
 
     @property
-    def added_table(self):
+    def added_table(self) -> Path:
         return self.layout.added_table(self.clone(Train).stage_dir.name)
+
+    @functools.cached_property
+    def _added_digest(self) -> str | None:
+        """The side table's sha256, read once per task: ``key`` is asked for on every path of the task."""
+        return file_sha256(self.added_table) if self.added_table.is_file() else None
 
     @property
     def key(self) -> str:
-        added = file_sha256(self.added_table) if self.added_table.is_file() else None
-        return params_key([self.clone(Embeddings).key, index_config().key(), added])
+        return params_key([self.clone(Embeddings).key, index_config().key(), self._added_digest])
 
     def run(self) -> None:
         cfg = index_config()

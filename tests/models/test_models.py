@@ -160,3 +160,14 @@ def test_musicnn_genre_finetune_and_bad_arguments() -> None:
         build_model("musicnn", n_classes=2, n_mels=128)
     with pytest.raises(MelsearchError, match="unknown musicnn vector"):
         build_model("musicnn", n_classes=2, n_mels=96, vector="nope")
+
+
+def test_the_musicnn_features_preset_is_the_input_the_weights_expect() -> None:
+    """models/musicnn.py states the pretrained input; pipeline/mel.py's preset computes it: they must agree."""
+    from models.musicnn import MUSICNN_MEL
+    from pipeline.mel import MelConfig
+
+    preset = MelConfig.preset("musicnn")
+    assert (preset.sr, preset.n_fft, preset.hop_length, preset.n_mels) == (
+        MUSICNN_MEL.sr, MUSICNN_MEL.n_fft, MUSICNN_MEL.hop_length, MUSICNN_MEL.n_mels)
+    assert preset.compression == "log10" and MUSICNN_MEL.log_gain == 10000.0
