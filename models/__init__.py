@@ -21,6 +21,8 @@ SCRATCH_MODELS = ("cifar10", "resnet_v2")
 MODEL_PRESETS = {"musicnn": "musicnn"}
 # Networks with published weights, not trained by the pipeline: name -> "module:loader" (eval-mode module)
 _PRETRAINED = {"musicnn": "models.musicnn:load_pretrained_musicnn"}
+# Genre models whose backbone alone makes search vectors, so a library can be indexed with no labelled music.
+PRETRAINED_MODELS = tuple(_PRETRAINED)
 
 
 def _load(target: str) -> Any:

@@ -9,7 +9,8 @@ input batch norm does that. ``embed`` is the backbone representation named by ``
 vector and the head's input); ``head`` is dropout and one linear layer.
 
 The training loop sees ``frozen_backbone`` and trains only the head, on the backbone's outputs computed once
-per crop; ``finetune=True`` trains everything end to end instead (a job for a GPU).
+per crop; ``finetune=True`` trains everything end to end instead (a job for a GPU). With ``n_classes=0`` there is
+no head at all: the backbone alone, which indexes a library when no labelled music is at hand.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class MusicnnGenreConfig:
     finetune: bool = False
 
 
+class _NoLabels(nn.Module):
+    """The head of a backbone used without labels: (B, D) -> (B, 0) logits."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, :0]
+
+
 class MusicnnGenre(nn.Module):
     """Log-mel (B, 1, 96, T) in musicnn's scale -> (B, n_classes) genre logits over a pretrained backbone."""
 
@@ -59,7 +67,8 @@ class MusicnnGenre(nn.Module):
         self.backbone.requires_grad_(cfg.finetune)
         self.frozen_backbone = not cfg.finetune
         self.embedding_dim = VECTORS[cfg.vector]
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embedding_dim, n_classes))
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embedding_dim, n_classes)) if n_classes \
+            else _NoLabels()
 
     def train(self, mode: bool = True) -> MusicnnGenre:
         super().train(mode)

@@ -161,12 +161,26 @@ class GenreClassifier:
         vectors, probabilities = self.embed_and_predict(mel[None], n_frames=np.array([n_true]), names=[str(path)])
         return vectors[0], probabilities[0]
 
+    def labels_of(self, probabilities: np.ndarray) -> list[str]:
+        """The most probable label of each row of (N, n_classes) probabilities; ``""`` each for a model without
+        labels (a pretrained backbone alone, :mod:`pipeline.pretrained`)."""
+        probabilities = np.asarray(probabilities).reshape(len(probabilities), -1)
+        if not self.labels:
+            return [""] * len(probabilities)
+        return [self.labels[i] for i in probabilities.argmax(axis=1)]
+
     def predict(self, path: str | os.PathLike) -> dict:
-        """Genre of an audio file: ``{"path", "label", "probabilities": {label: p}}`` (p: float, sum 1)."""
+        """Genre of an audio file: ``{"path", "label", "probabilities": {label: p}}`` (p: float, sum 1).
+
+        Raises MelsearchError for a model without labels (a pretrained backbone that no labelled music trained).
+        """
+        if not self.labels:
+            raise MelsearchError(f"{self.model_dir}: {self.model_name} without a genre head (no labelled music "
+                                 "trained it): it encodes and searches, it cannot predict")
         probabilities = self.embed_and_predict_file(path)[1]
         return {
             "path": str(path),
-            "label": self.labels[int(probabilities.argmax())],
+            "label": self.labels_of(probabilities[None])[0],
             "probabilities": {label: float(p) for label, p in zip(self.labels, probabilities, strict=True)},
         }
 

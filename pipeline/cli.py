@@ -12,8 +12,8 @@ from pipeline.errors import MelsearchError
 from pipeline.layout import STAGES
 
 log = logging.getLogger("pipeline")
-HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "extracted", "reused", "computed", "epochs_run", "best_epoch",
-                    "test_accuracy", "test_macro_f1", "count", "recall_at_10", "genre_precision_at_10")
+HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "extracted", "reused", "computed", "trained", "epochs_run",
+                    "best_epoch", "test_accuracy", "test_macro_f1", "count", "recall_at_10", "genre_precision_at_10")
 
 
 class _OneLineMelsearchErrors(logging.Filter):
@@ -52,7 +52,8 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--archive", default="", type=os.path.expanduser,
                         help="local genres.tar.gz (or any .tar/.tar.gz/.zip of audio)")
     parser.add_argument("--library", default="", type=os.path.expanduser,
-                        help="a folder of music to index (labels optional) with the model trained on the source")
+                        help="a folder of music to index (labels optional) with the models trained on the source; "
+                             "alone, musicnn's pretrained backbone indexes it untrained")
     parser.add_argument("--model", default=None, help="cifar10, resnet_v2 or all (default: luigi.cfg [train] model)")
     parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
     parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")

@@ -128,8 +128,8 @@ def _embedded_batches(
             mels, n_frames = store.read(where), store.n_frames[where]  # (b, n_mels, frames) dB, (b,)
             vectors, probabilities = classifier.embed_and_predict(mels, n_frames=n_frames,
                                                                   names=[r["track_id"] for r in batch])
-            predicted = probabilities.argmax(axis=1)
-            batch = [{**row, "predicted_label": classifier.labels[p]} for row, p in zip(batch, predicted, strict=True)]
+            batch = [{**row, "predicted_label": label}
+                     for row, label in zip(batch, classifier.labels_of(probabilities), strict=True)]
             yield _record_batch(batch, vectors, schema)
             progress.update(len(batch))
 

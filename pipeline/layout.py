@@ -125,7 +125,7 @@ class WorkDir:
         return self.root / RUN_RECORD
 
     def record_run(self, folders: dict[str, dict[str, str]]) -> None:
-        """Write ``latest-run.json``: ``{stage: {model or "": folder relative to root}}`` of a finished run.
+        """Write ``latest-run.json``: ``{stage: {model, "library" or "": folder relative to root}}`` of a finished run.
 
         Left untouched when it already says so, so a no-op rerun changes no file.
         """

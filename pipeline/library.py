@@ -237,8 +237,8 @@ def write_library_embeddings(
         mels = read_cached_mels(batch, cache_dir, cfg)
         vectors, probabilities = classifier.embed_and_predict(mels, n_frames=np.array([r["n_frames"] for r in batch]),
                                                               names=[r["track_id"] for r in batch])
-        for row, vector, p in zip(batch, vectors, probabilities.argmax(axis=1), strict=True):
-            cached[row["identity"]] = (classifier.labels[p] if classifier.labels else "", vector)
+        for row, vector, label in zip(batch, vectors, classifier.labels_of(probabilities), strict=True):
+            cached[row["identity"]] = (label, vector)
     metadata = {"model": classifier.model_name, "model_key": model_dir.name, "feature_key": classifier.feature_key}
     if todo:
         keys = sorted(cached)

@@ -208,7 +208,7 @@ class MusicSearch:
         if not path.is_file():
             raise MelsearchError(f"{path}: no such file")
         vector, probabilities = self.classifier.embed_and_predict_file(path)
-        return vector, self.classifier.labels[int(probabilities.argmax())]
+        return vector, self.classifier.labels_of(probabilities[None])[0]
 
     def _index_vectors(self) -> np.ndarray:
         """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""

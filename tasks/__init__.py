@@ -4,7 +4,7 @@ from tasks.dataset import Dataset, DownloadGTZAN
 from tasks.features import Features, FeatureShard
 from tasks.pipeline import Pipeline
 from tasks.search import Embeddings, Index
-from tasks.train import CompareModels, Train
+from tasks.train import CompareModels, Pretrained, Train
 
-__all__ = ["Dataset", "DownloadGTZAN", "Features", "FeatureShard", "Train", "CompareModels", "Embeddings", "Index",
-           "Pipeline"]
+__all__ = ["Dataset", "DownloadGTZAN", "Features", "FeatureShard", "Train", "Pretrained", "CompareModels", "Embeddings",
+           "Index", "Pipeline"]

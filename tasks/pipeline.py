@@ -21,7 +21,7 @@ from tasks.dataset import Dataset
 from tasks.features import Features, features_for
 from tasks.library import LibraryFeatures, library_dataset, library_features_for
 from tasks.search import Embeddings, Index
-from tasks.train import CompareModels, Train
+from tasks.train import CompareModels, model_task, untrained
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,21 @@ class Pipeline(luigi.WrapperTask):
     def requires(self) -> list[luigi.Task]:
         source = {"workdir": self.workdir, "audio_dir": self.audio_dir, "archive": self.archive}
         library = {"library": self.library} if self.library else {}
+        trained = [name for name in self.models if not untrained(self, name)]  # the others need no source
         if self.stage == "dataset":
-            return [Dataset(**source), *([library_dataset(self)] if self.library else [])]
+            return [*([Dataset(**source)] if trained else []), *([library_dataset(self)] if self.library else [])]
         if self.stage == "features":  # one per distinct input the models need
-            sources = [Features(**source, **library)] + ([LibraryFeatures(**source, **library)] if library else [])
-            return list({task.task_id: task for task in (
-                (library_features_for if isinstance(task, LibraryFeatures) else features_for)(task, name)
-                for task in sources for name in self.models)}.values())
-        per_model = {"train": Train, "embeddings": Embeddings, "index": Index}[self.stage]
-        tasks = [per_model(model=name, **source, **library) for name in self.models]
-        if len(self.models) > 1:
-            tasks.append(CompareModels(models=list(self.models), **source, **library))
+            needs = [features_for(Features(**source, **library), name) for name in trained]
+            if library:
+                needs += [library_features_for(LibraryFeatures(**source, **library), name) for name in self.models]
+            return list({task.task_id: task for task in needs}.values())
+        if self.stage == "train":
+            tasks = [model_task(self, name) for name in self.models]
+        else:
+            per_model = {"embeddings": Embeddings, "index": Index}[self.stage]
+            tasks = [per_model(model=name, **source, **library) for name in self.models]
+        if len(trained) > 1:  # validation curves side by side: a pretrained folder has none
+            tasks.append(CompareModels(models=trained, **source, **library))
         return tasks
 
 
@@ -186,9 +190,18 @@ def _record_run(root: Pipeline) -> None:
         for task in tasks:
             if not isinstance(task, CompareModels) and task.complete():
                 relative = task.stage_dir.relative_to(layout.root).as_posix()
-                folders.setdefault(stage, {})[getattr(task, "model", "")] = relative
+                folders.setdefault(stage, {})[_record_name(task, root)] = relative
     # a run of fewer stages keeps what the last longer run recorded for the others
     layout.record_run({**layout.read_run_record(), **folders})
+
+
+def _record_name(task: StageTask, root: Pipeline) -> str:
+    """A folder's name in ``latest-run.json``: its model, ``library`` for a library's dataset and features, else ""."""
+    if getattr(task, "model", ""):
+        return task.model
+    of_library = isinstance(task, LibraryFeatures) or (isinstance(task, Dataset) and root.library
+                                                      and task.audio_dir == root.library)
+    return "library" if of_library else ""
 
 
 def pipeline_status(

@@ -16,7 +16,7 @@ from tasks.config import index_config, train
 from tasks.dataset import Dataset
 from tasks.features import features_for
 from tasks.library import library_dataset, library_features_for
-from tasks.train import Train
+from tasks.train import model_task
 
 
 class Embeddings(ModelStageTask):
@@ -32,17 +32,17 @@ class Embeddings(ModelStageTask):
     def requires(self) -> dict[str, luigi.Task]:
         if self.library:
             return {"dataset": library_dataset(self), "features": library_features_for(self, self.model),
-                    "model": self.clone(Train)}
-        return {"dataset": self.clone(Dataset), "features": features_for(self, self.model), "model": self.clone(Train)}
+                    "model": model_task(self)}
+        return {"dataset": self.clone(Dataset), "features": features_for(self, self.model), "model": model_task(self)}
 
     @property
     def key(self) -> str:
         if self.library:  # the library's identity: its features key holds its folder listing
-            return params_key([self.clone(Train).key, library_features_for(self, self.model).key])
-        return params_key([self.clone(Train).key])
+            return params_key([model_task(self).key, library_features_for(self, self.model).key])
+        return params_key([model_task(self).key])
 
     def run(self) -> None:
-        inputs, model_dir = self.requires(), self.clone(Train).stage_dir
+        inputs, model_dir = self.requires(), model_task(self).stage_dir
         if self.library:
             figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
                                                self.artifact, self.layout.embedding_cache(model_dir.name),
@@ -68,7 +68,7 @@ class Index(ModelStageTask):
 
     @property
     def added_table(self) -> Path:
-        return self.layout.added_table(self.clone(Train).stage_dir.name)
+        return self.layout.added_table(model_task(self).stage_dir.name)
 
     @functools.cached_property
     def _added_digest(self) -> str | None:

@@ -1,12 +1,14 @@
-"""Train stage: features.h5 + manifest -> a trained model folder per model name."""
+"""Train stage: features.h5 + manifest -> a trained model folder per model name, or a pretrained one untrained."""
 
 from __future__ import annotations
 
 import luigi
 
+from models import PRETRAINED_MODELS
 from pipeline.io import params_key
+from pipeline.mel import MelConfig
 from tasks.base import ModelStageTask, StageTask
-from tasks.config import train, train_config
+from tasks.config import features_preset, mel_config, train, train_config
 from tasks.dataset import Dataset
 from tasks.features import features_for
 
@@ -34,6 +36,44 @@ class Train(ModelStageTask):
         metrics = train_model(features_for(self, self.model).artifact, self.clone(Dataset).artifact, self.stage_dir,
                               train_config(self.model), device=train().device, progress=self.report)
         self.finish(metrics)
+
+
+class Pretrained(ModelStageTask):
+    """``<workdir>/train/<model>-<key>/``: a pretrained backbone's model folder, no labels, nothing trained.
+
+    What a library run without a labelled source gets for a model with published weights (musicnn).
+    """
+
+    stage = "train"
+    library = luigi.Parameter(default="", description="the library the run indexes: its features rule is the model's")
+
+    @property
+    def mel_config(self) -> MelConfig:
+        return mel_config(features_preset(self.model), library=bool(self.library))
+
+    @property
+    def key(self) -> str:
+        cfg = train_config(self.model)
+        return params_key(["pretrained", self.mel_config.key(), cfg.crop_s, cfg.model_kwargs])
+
+    def run(self) -> None:
+        from pipeline.pretrained import write_pretrained_model  # torch
+
+        cfg = train_config(self.model)
+        self.finish(write_pretrained_model(self.stage_dir, self.model, self.mel_config, crop_s=cfg.crop_s,
+                                           model_kwargs=cfg.model_kwargs))
+
+
+def untrained(task: luigi.Task, model: str) -> bool:
+    """Whether ``model`` goes untrained in ``task``'s run: a library run with no labelled source given
+    (``audio_dir``, ``archive``) of a model whose backbone alone makes vectors. The others train on GTZAN."""
+    return bool(task.library) and not task.audio_dir and not task.archive and model in PRETRAINED_MODELS
+
+
+def model_task(task: luigi.Task, model: str | None = None) -> Train | Pretrained:
+    """The task that makes ``model``'s folder (default: ``task.model``) in ``task``'s run."""
+    model = model or task.model
+    return task.clone(Pretrained if untrained(task, model) else Train, model=model)
 
 
 class CompareModels(StageTask):

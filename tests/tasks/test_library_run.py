@@ -110,3 +110,42 @@ def test_a_long_song_gets_spread_crops(tmp_path):
     cfg = MelConfig(sr=sr, n_fft=512, hop_length=256, n_mels=48, duration_s=30.0, segments=10)
     whole, intro = log_mel_for_file(tmp_path / "long.wav", cfg)[0], log_mel_for_file(tmp_path / "intro.wav", cfg)[0]
     assert np.abs(whole - intro).mean() > 10  # dB: the later minutes are in it
+
+
+def test_musicnn_indexes_a_library_alone(tmp_path, library):
+    """``--library`` alone with musicnn: no labelled source, no training, and new files still cost only themselves."""
+    folder = tmp_path / "bibliothèque"
+    shutil.copytree(library[0], folder, symlinks=True)
+    for path in folder.glob("nouveau*"):  # the module's other test may have added these
+        path.unlink()
+    workdir, settings = tmp_path / "work", ["--library", str(folder), "--model", "musicnn", "--set",
+                                            "features.duration_s=4"]
+    melsearch("run", "--workdir", str(workdir), *settings)  # offline: a GTZAN download would fail the run
+    first = json.loads(melsearch("status", "--json", "--workdir", str(workdir), *settings).stdout)
+    assert [e["output"] for e in first["dataset"]["outputs"]] == [first["dataset"]["outputs"][0]["output"]]
+    model = first["train"]["outputs"][0]
+    assert model["figures"] == {"model": "musicnn", "trained": False, "labels": [], "embedding_dim": 200}
+    n_files = len(list(folder.glob("morceau*")))
+    assert first["index"]["outputs"][0]["figures"]["count"] == n_files
+
+    query = sorted(folder.glob("morceau*"))[0]
+    results = json.loads(melsearch("query", "--workdir", str(workdir), str(query), "--top-k", "5", "--json").stdout)
+    assert len(results) == 5 and query.name not in {r["track_id"] for r in results}
+    vector = melsearch("encode", "--workdir", str(workdir), str(query)).stdout.split()
+    assert len(vector) == 200 and abs(sum(float(v) ** 2 for v in vector) - 1) < 1e-3
+    refused = melsearch("predict", "--workdir", str(workdir), str(query), check=False)
+    assert refused.returncode != 0 and "cannot predict" in refused.stderr.strip().splitlines()[-1]
+
+    weights = workdir / model["output"] / "model.pt"
+    before = weights.stat().st_mtime_ns
+    for path in library[1]:
+        shutil.copy(path, folder / f"ajout {path.name}")
+    melsearch("run", "--workdir", str(workdir), *settings)
+    second = json.loads(melsearch("status", "--json", "--workdir", str(workdir), *settings).stdout)
+    figures = next(e for e in second["features"]["outputs"])["figures"]
+    assert (figures["extracted"], figures["reused"]) == (2, n_files)
+    assert second["embeddings"]["outputs"][0]["figures"]["computed"] == 2
+    assert second["index"]["outputs"][0]["figures"]["count"] == n_files + 2
+    assert second["train"]["outputs"][0]["output"] == model["output"] and weights.stat().st_mtime_ns == before
+    record = json.loads((workdir / "latest-run.json").read_text())
+    assert set(record["dataset"]) == {"library"} and set(record["features"]) == {"library"}
