@@ -1,12 +1,12 @@
-"""What using a trained model needs: the device, crops of a log-mel, band standardisation, crop-averaged outputs
-and safe checkpoint loading. Training (:mod:`pipeline.train`) and inference (:mod:`pipeline.classifier`) share it,
-so a model is evaluated exactly as it is used.
+"""What using a trained model needs: the device, crops of log-mels (:class:`Crops`), band standardisation,
+crop-averaged outputs and safe checkpoint loading. Training (:mod:`pipeline.train`) and inference
+(:mod:`pipeline.classifier`) share it, so a model is evaluated exactly as it is used.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,26 +53,78 @@ def _crop_plan(n_true: np.ndarray, crop: int, total: int) -> tuple[np.ndarray, n
     return tracks, np.minimum(starts, total - crop)
 
 
-def gather_crops(data: torch.Tensor, tracks: np.ndarray, starts: np.ndarray, crop: int,
-                  device: torch.device) -> torch.Tensor:
-    """Crops of ``data`` (N, n_mels, T): (len(tracks), 1, n_mels, crop) on ``device`` (channels-last on CUDA)."""
-    index = torch.as_tensor(tracks, device=data.device)[:, None, None]
-    frames = torch.as_tensor(starts, device=data.device)[:, None] + torch.arange(crop, device=data.device)
-    bands = torch.arange(data.shape[1], device=data.device)[None, :, None]
-    x = data[index, bands, frames[:, None, :]].unsqueeze(1)  # (b, 1, n_mels, crop)
-    x = x.to(device, non_blocking=True)
+def to_device(crops: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(b, n_mels, crop) crops as the (b, 1, n_mels, crop) model input on ``device`` (channels-last on CUDA)."""
+    x = crops.unsqueeze(1).to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+class Crops:
+    """Standardised log-mel crops of ``n_tracks`` tracks of ``n_frames`` frames, read by (track, start frame).
+
+    Every forward pass reads its input through this: :class:`TensorCrops` from a tensor in memory,
+    :class:`pipeline.training_data.StoreCrops` from the features file, batch by batch.
+    """
+
+    n_tracks: int
+    n_frames: int
+
+    def gather(self, tracks: np.ndarray, starts: np.ndarray, crop: int, device: torch.device) -> torch.Tensor:
+        """Crops ``[track, :, start : start + crop]``: (len(tracks), 1, n_mels, crop) float32 on ``device``."""
+        raise NotImplementedError
+
+    def batches(self, plan: Sequence[tuple[np.ndarray, np.ndarray]], crop: int,
+                device: torch.device) -> Iterator[torch.Tensor]:
+        """:meth:`gather` of each ``(tracks, starts)`` of ``plan``, in order."""
+        for tracks, starts in plan:
+            yield self.gather(tracks, starts, crop, device)
+
+    def take(self, idx: np.ndarray) -> Crops:
+        """The tracks ``idx`` (track ``i`` of the result is track ``idx[i]`` here), without copying log-mels."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the crops are read from (nothing for a tensor)."""
+
+
+class TensorCrops(Crops):
+    """Crops of ``data`` (N, n_mels, T) float32 standardised log-mels, on the CPU or a GPU; ``rows``: the rows
+    that are tracks 0, 1, ... (all, in order, when None)."""
+
+    def __init__(self, data: torch.Tensor, rows: np.ndarray | None = None) -> None:
+        self.data, self.rows = data, rows
+        self.n_tracks = len(data) if rows is None else len(rows)
+        self.n_frames = data.shape[2]
+
+    def gather(self, tracks: np.ndarray, starts: np.ndarray, crop: int, device: torch.device) -> torch.Tensor:
+        data = self.data
+        rows = tracks if self.rows is None else self.rows[tracks]
+        index = torch.as_tensor(rows, device=data.device)[:, None, None]
+        frames = torch.as_tensor(starts, device=data.device)[:, None] + torch.arange(crop, device=data.device)
+        bands = torch.arange(data.shape[1], device=data.device)[None, :, None]
+        return to_device(data[index, bands, frames[:, None, :]], device)  # (b, n_mels, crop) on data.device
+
+    def take(self, idx: np.ndarray) -> TensorCrops:
+        return TensorCrops(self.data, np.asarray(idx) if self.rows is None else self.rows[idx])
+
+
+def crop_batches(n_true: np.ndarray, crop: int, n_frames: int,
+                 batch_size: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Every non-overlapping crop (:func:`_crop_plan`), in batches: (n_crops,) tracks, [(tracks, starts), ...]."""
+    tracks, starts = _crop_plan(n_true, crop, n_frames)
+    return tracks, [(tracks[begin : begin + batch_size], starts[begin : begin + batch_size])
+                    for begin in range(0, tracks.size, batch_size)]
+
+
 @torch.no_grad()
-def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, n_true: np.ndarray, *,
+def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor | Crops, n_true: np.ndarray, *,
                   crop: int, batch_size: int, device: torch.device) -> torch.Tensor:
     """Mean of ``fn`` over every non-overlapping crop of each track.
 
     Parameters
     ----------
     fn : (b, 1, n_mels, crop) -> (b, D), e.g. a model's ``forward`` (logits) or ``embed``; call it in eval mode.
-    data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``.
+    data : (N, n_mels, T) float32 standardised log-mels, on the CPU or on ``device``, or :class:`Crops` of them.
     n_true : (N,) frames that hold audio per track; crops cover only those.
     crop, batch_size : crop length in frames, crops per forward pass.
 
@@ -80,15 +132,15 @@ def track_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor
     -------
     (N, D) float32 on ``device``. On CUDA the forward passes run under bf16 autocast.
     """
-    tracks, starts = _crop_plan(n_true, crop, data.shape[2])
+    crops = data if isinstance(data, Crops) else TensorCrops(data)
+    tracks, plan = crop_batches(n_true, crop, crops.n_frames, batch_size)
     sums = None
-    for begin in range(0, tracks.size, batch_size):
-        x = gather_crops(data, tracks[begin : begin + batch_size], starts[begin : begin + batch_size], crop, device)
+    for (batch_tracks, _), x in zip(plan, crops.batches(plan, crop, device), strict=True):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = fn(x).float()  # (b, D)
         if sums is None:
             sums = torch.zeros(len(n_true), out.shape[1], device=device)
-        sums.index_add_(0, torch.as_tensor(tracks[begin : begin + batch_size], device=device), out)
+        sums.index_add_(0, torch.as_tensor(batch_tracks, device=device), out)
     counts = torch.as_tensor(np.bincount(tracks, minlength=len(n_true)), device=device, dtype=torch.float32)
     return sums / counts[:, None]
 

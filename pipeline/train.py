@@ -103,7 +103,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
-                cfg: TrainConfig, *, device: str = "auto",
+                cfg: TrainConfig, *, device: str = "auto", feature_memory_gb: float | str = "auto",
                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Train ``cfg.model`` on the features' train split and fill ``out_dir`` (see the module docstring).
 
@@ -117,6 +117,10 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
     cfg : the training settings.
     device : ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``; CUDA trains with bf16 autocast and
         channels-last tensors; the CPU uses every core this process may run on.
+    feature_memory_gb : features whose float32 size is at most this many GB (1e9 bytes) load into memory (on
+        the GPU when they fit), larger ones are read from ``features_path`` batch by batch, a few batches ahead;
+        ``"auto"``: half the memory available; 0: always streamed. Either way the results are the same, bit for
+        bit (see :mod:`pipeline.training_data`).
     progress : called as ``progress(epoch, cfg.epochs)`` after each epoch.
 
     Returns
@@ -132,46 +136,48 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
     dev = _set_up_device(device)
     torch.manual_seed(cfg.seed)
     model_class = MODELS[cfg.model]
-    data = TrainingData.load(features_path, manifest_path, crop_s=cfg.crop_s, batch_size=cfg.batch_size,
-                             standardised=getattr(model_class, "standardise_input", True), dev=dev)
-    model = build_model(cfg.model, n_classes=len(data.labels), n_mels=data.mel_config.n_mels, **_model_kwargs(cfg))
-    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
-    if getattr(model, "frozen_backbone", False):
-        data.cache_backbone(model, dev)
-    select_by_valid = _selects_by_validation(data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = {
-        "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
-        "feature_key": data.mel_config.key(),
-        "labels": data.labels,
-        "tracks": {name: int(len(idx)) for name, idx in data.subsets.items()},
-    }
-    checkpoints = _Checkpoints(out_dir / "checkpoints", run)
-    state, best_weights = checkpoints.resume(model, optimizer, dev)
+    # a streamed features file stays open until the model folder is written
+    with TrainingData.load(features_path, manifest_path, crop_s=cfg.crop_s, batch_size=cfg.batch_size,
+                           standardised=getattr(model_class, "standardise_input", True), dev=dev,
+                           memory_gb=feature_memory_gb) as data:
+        model = build_model(cfg.model, n_classes=len(data.labels), n_mels=data.mel_config.n_mels, **_model_kwargs(cfg))
+        model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+        if getattr(model, "frozen_backbone", False):
+            data.cache_backbone(model, dev)
+        select_by_valid = _selects_by_validation(data)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run = {
+            "train": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
+            "feature_key": data.mel_config.key(),
+            "labels": data.labels,
+            "tracks": {name: int(len(idx)) for name, idx in data.subsets.items()},
+        }
+        checkpoints = _Checkpoints(out_dir / "checkpoints", run)
+        state, best_weights = checkpoints.resume(model, optimizer, dev)
 
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        epoch = state["epoch"] + 1
-        row = _train_epoch(model, optimizer, data, cfg, epoch, dev)
-        state["history"].append(row)
-        state["epoch"] = epoch
-        # with too small a validation split the last epoch is the best one and training runs to cfg.epochs
-        if not select_by_valid or row["valid_loss"] < state["best_loss"]:
-            state.update(best_epoch=epoch, bad_epochs=0,
-                         best_loss=row["valid_loss"] if select_by_valid else math.inf)
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            checkpoints.save_best(best_weights, epoch, row)
-        else:
-            state["bad_epochs"] += 1
-        if epoch % cfg.checkpoint_interval == 0 or state["bad_epochs"] >= cfg.patience or epoch == cfg.epochs:
-            checkpoints.save_last(state, model, optimizer, best_weights)
-        log.info("%s epoch %d/%d: train loss %.4f acc %.3f, valid loss %.4f acc %.3f, lr %.2e, %.1f s", cfg.model,
-                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["valid_loss"], row["valid_acc"],
-                 row["lr"], row["seconds"])
-        if progress is not None:
-            progress(epoch, cfg.epochs)
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+            epoch = state["epoch"] + 1
+            row = _train_epoch(model, optimizer, data, cfg, epoch, dev)
+            state["history"].append(row)
+            state["epoch"] = epoch
+            # with too small a validation split the last epoch is the best one and training runs to cfg.epochs
+            if not select_by_valid or row["valid_loss"] < state["best_loss"]:
+                state.update(best_epoch=epoch, bad_epochs=0,
+                             best_loss=row["valid_loss"] if select_by_valid else math.inf)
+                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                checkpoints.save_best(best_weights, epoch, row)
+            else:
+                state["bad_epochs"] += 1
+            if epoch % cfg.checkpoint_interval == 0 or state["bad_epochs"] >= cfg.patience or epoch == cfg.epochs:
+                checkpoints.save_last(state, model, optimizer, best_weights)
+            log.info("%s epoch %d/%d: train loss %.4f acc %.3f, valid loss %.4f acc %.3f, lr %.2e, %.1f s", cfg.model,
+                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["valid_loss"], row["valid_acc"],
+                     row["lr"], row["seconds"])
+            if progress is not None:
+                progress(epoch, cfg.epochs)
 
-    _load_weights(model, best_weights, checkpoints.last)
-    return _write_model_folder(out_dir, model, best_weights, data, cfg, state, dev)
+        _load_weights(model, best_weights, checkpoints.last)
+        return _write_model_folder(out_dir, model, best_weights, data, cfg, state, dev)
 
 
 def _set_up_device(device: str) -> torch.device:
@@ -259,10 +265,11 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Train
     correct = torch.zeros((), device=dev, dtype=torch.int64)
     # a last batch of one would break batch norm on the 1x1 maps at the end of the network
     n_batches = max(1, len(tracks) // cfg.batch_size + (len(tracks) % cfg.batch_size > 1))
-    for b in tqdm(range(n_batches), desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                  disable=None):
-        chunk = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-        x, target = data.batch(tracks[chunk], starts[chunk], dev, rng, augment=cfg.augment, mixup=cfg.mixup)
+    chunks = [slice(b * cfg.batch_size, (b + 1) * cfg.batch_size) for b in range(n_batches)]
+    plan = [(tracks[chunk], starts[chunk]) for chunk in chunks]
+    batches = data.batches(plan, dev, rng, augment=cfg.augment, mixup=cfg.mixup)
+    for x, target in tqdm(batches, total=n_batches, desc=f"{cfg.model} epoch {epoch}/{cfg.epochs}", unit="batch",
+                          leave=False, disable=None):
         batch_loss, batch_correct = train_step(forward, optimizer, x, target, autocast=dev.type == "cuda")
         loss_sum += batch_loss
         correct += batch_correct

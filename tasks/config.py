@@ -69,6 +69,9 @@ features = _section("features", MelConfig, {
 train = _section("train", TrainConfig, {
     "model": luigi.Parameter(default="cifar10", description="cifar10, resnet_v2 or all"),
     "device": luigi.Parameter(default="auto", significant=False),
+    "feature_memory_gb": luigi.Parameter(default="auto", significant=False,
+                                         description="features up to this float32 size in GB load into memory, "
+                                                     "larger ones stream; auto = half the memory available"),
 }, skip=("model",))
 index = _section("index", IndexConfig, {})
 SECTIONS = {"dataset": dataset, "features": features, "train": train, "index": index}

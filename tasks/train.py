@@ -34,7 +34,8 @@ class Train(ModelStageTask):
         from pipeline.train import train_model  # torch: imported by the stage that trains, not by every run
 
         metrics = train_model(features_for(self, self.model).artifact, self.clone(Dataset).artifact, self.stage_dir,
-                              train_config(self.model), device=train().device, progress=self.report)
+                              train_config(self.model), device=train().device,
+                              feature_memory_gb=train().feature_memory_gb, progress=self.report)
         self.finish(metrics)
 
 
