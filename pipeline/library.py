@@ -151,7 +151,9 @@ def write_library_features(
             failed.append({"track_id": track_id, "path": path, "reason": entry or "not in the feature cache"})
     for record in failed:
         log.warning("skipping %s: %s", record["track_id"], record["reason"])
-    metadata = {"mel_config": json.dumps(cfg.to_dict(), sort_keys=True), "cache": os.path.abspath(cache_dir)}
+    # relative: the work directory may move, or be a bucket mirrored at another path on each machine
+    metadata = {"mel_config": json.dumps(cfg.to_dict(), sort_keys=True),
+                "cache": os.path.relpath(os.path.abspath(cache_dir), os.path.abspath(Path(out_path).parent))}
     with atomic_path(out_path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=_TRACK_SCHEMA.with_metadata(metadata)), tmp)
     decoded = {identity for identity, _ in todo}
@@ -171,7 +173,8 @@ def read_library_tracks(path: str | os.PathLike) -> tuple[list[dict], MelConfig,
     meta = table.schema.metadata or {}
     if b"mel_config" not in meta or b"cache" not in meta:
         raise MelsearchError(f"{path}: not a library tracks file (no mel_config or cache in its metadata)")
-    return table.to_pylist(), MelConfig.from_dict(json.loads(meta[b"mel_config"])), Path(meta[b"cache"].decode())
+    cache = path.parent / meta[b"cache"].decode()  # relative to the tracks file (an absolute path stays one)
+    return table.to_pylist(), MelConfig.from_dict(json.loads(meta[b"mel_config"])), cache
 
 
 def read_cached_mels(rows: Sequence[dict], cache_dir: Path, cfg: MelConfig) -> np.ndarray:

@@ -222,8 +222,8 @@ class S3Store:
         for member in [m for m in members if _in_group(m, path)] + [path]:
             self.upload(member)
 
-    def upload_folder(self, folder: str | os.PathLike, *, last: str) -> int:
-        """Put every file under ``folder`` in the bucket, the file named ``last`` after all others.
+    def upload_folder(self, folder: str | os.PathLike, *, last: str = "") -> int:
+        """Put every file under ``folder`` in the bucket, the file named ``last`` (if any) after all others.
 
         Temporary and hidden files (a name starting with ``.``) stay local. A file whose object is already
         there (same ETag as recorded at its last transfer, file unchanged since) is not sent again.

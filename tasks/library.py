@@ -38,11 +38,30 @@ class LibraryFeatures(FeaturesBase):
     def artifact(self) -> Path:
         return self.stage_dir / TRACKS_FILE
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.layout.feature_cache(self.mel_config.key())
+
+    def pull(self) -> None:
+        """In a bucket: the tracks file, and the cache parts it points to."""
+        super().pull()
+        if self.layout.store is not None:
+            self.layout.store.download_folder(self.cache_dir)
+
+    def pull_inputs(self) -> None:
+        super().pull_inputs()
+        if self.layout.store is not None:  # what every machine extracted before is decoded by none again
+            self.layout.store.download_folder(self.cache_dir)
+
+    def push_outputs(self) -> None:
+        if self.layout.store is not None:  # the new parts before the tracks file that points to them
+            self.layout.store.upload_folder(self.cache_dir)
+        super().push_outputs()
+
     def run(self) -> None:
         rows = read_manifest(library_dataset(self).artifact, status="ok")
-        cfg = self.mel_config
-        figures = write_library_features([(row["track_id"], row["path"]) for row in rows], self.artifact, cfg,
-                                         self.layout.feature_cache(cfg.key()), workers=features().processes or None,
+        figures = write_library_features([(row["track_id"], row["path"]) for row in rows], self.artifact,
+                                         self.mel_config, self.cache_dir, workers=features().processes or None,
                                          progress=self.report)
         shutdown_shared_pool()  # free the workers' memory for the stages after
         self.finish(figures)

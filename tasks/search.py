@@ -22,8 +22,8 @@ from tasks.train import model_task
 class Embeddings(ModelStageTask):
     """``<workdir>/embeddings/<model>-<key>/embeddings.parquet``: one L2-normalised vector per ``ok`` track.
 
-    The tracks are the source's, or with ``library`` the library's (by the model trained on the source),
-    reusing the vectors this model made before for unchanged files.
+    The tracks are the source's, or with ``library`` the library's (by the model trained on the source, or a
+    pretrained one untrained), reusing the vectors this model made before for unchanged files.
     """
 
     stage = "embeddings"
@@ -41,12 +41,26 @@ class Embeddings(ModelStageTask):
             return params_key([model_task(self).key, library_features_for(self, self.model).key])
         return params_key([model_task(self).key])
 
+    @property
+    def vector_cache(self) -> Path:
+        """The library's vectors by file for this model (library runs)."""
+        return self.layout.embedding_cache(model_task(self).stage_dir.name)
+
+    def pull_inputs(self) -> None:
+        super().pull_inputs()
+        if self.library and self.layout.store is not None:
+            self.layout.store.download(self.vector_cache)
+
+    def push_outputs(self) -> None:
+        if self.library and self.layout.store is not None and self.vector_cache.is_file():
+            self.layout.store.upload(self.vector_cache)
+        super().push_outputs()
+
     def run(self) -> None:
         inputs, model_dir = self.requires(), model_task(self).stage_dir
         if self.library:
             figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
-                                               self.artifact, self.layout.embedding_cache(model_dir.name),
-                                               device=train().device)
+                                               self.artifact, self.vector_cache, device=train().device)
         else:
             figures = write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
                                        self.artifact, device=train().device)

@@ -229,3 +229,31 @@ def test_sigkill_mid_training_leaves_no_finished_looking_folder_and_the_rerun_co
     assert {key.split("/")[1] for key in finished_folders(keys)} == set(STAGES)
     history = next(mirror.glob("train/*/history.csv")).read_text().splitlines()
     assert [int(line.split(",")[0]) for line in history[1:]] == list(range(1, 7))  # resumed from the checkpoint
+
+
+def test_a_library_run_in_a_bucket_reuses_another_machines_caches(bucket, synth_dir, tmp_path, monkeypatch):
+    """Machine b adds a song to a library machine a indexed: b decodes and embeds that one song only."""
+    library = tmp_path / "library"
+    library.mkdir()
+    clips = sorted(synth_dir.rglob("*.wav"))[::4]
+    for clip in clips[:-1]:
+        (library / clip.name).symlink_to(clip)
+    workdir = f"s3://{bucket}/w"
+    settings = ["--library", str(library), "--model", "musicnn", "--set", "features.duration_s=4"]
+    melsearch("run", "--workdir", workdir, *settings)
+    keys = objects(bucket)
+    assert any("/cache/features-" in key for key in keys) and any("/cache/embeddings-" in key for key in keys)
+
+    monkeypatch.setenv("MELSEARCH_CACHE", str(tmp_path / "machine-b"))
+    (library / clips[-1].name).symlink_to(clips[-1])
+    melsearch("run", "--workdir", workdir, *settings)
+    report = json.loads(melsearch("status", "--json", "--workdir", workdir, *settings).stdout)
+    features = report["features"]["outputs"][0]["figures"]
+    assert (features["extracted"], features["reused"]) == (1, len(clips) - 1)
+    assert report["embeddings"]["outputs"][0]["figures"]["computed"] == 1
+    assert report["index"]["outputs"][0]["figures"]["count"] == len(clips)
+
+    monkeypatch.setenv("MELSEARCH_CACHE", str(tmp_path / "machine-c"))
+    results = json.loads(melsearch("query", "--workdir", workdir, str(library / clips[0].name), "--top-k", "3",
+                                   "--json").stdout)
+    assert len(results) == 3 and clips[0].name not in {r["track_id"] for r in results}
