@@ -2,9 +2,11 @@
 
 The library is a labelled folder flattened into one unlabelled folder of symlinks (its labels kept aside
 to measure with); ``--hold-out`` of its files join it only for the second run, which must decode just those.
-Prints figures; asserts nothing::
+Without ``--labelled`` the run has no labelled source: musicnn's pretrained backbone indexes the library
+untrained. Prints figures; asserts nothing::
 
     python bench/library.py --labelled ../shared/sample-audio --library ../shared/emotify-audio --model all
+    python bench/library.py --library ../shared/emotify-audio --model musicnn
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def index_precision(workdir: Path, status: dict, labels: dict[str, str]) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labelled", type=Path, required=True, help="the source the models train on")
+    parser.add_argument("--labelled", type=Path, default=None,
+                        help="the source the models train on (default: none, for musicnn untrained)")
     parser.add_argument("--library", type=Path, required=True, help="a labelled folder, flattened for the test")
     parser.add_argument("--model", default="all")
     parser.add_argument("--hold-out", type=int, default=5)
@@ -79,8 +82,8 @@ def main() -> None:
     workdir = args.workdir or base / "work"
     library = base / "library"
     held, labels = flatten(args.library, library, hold_out=args.hold_out)
-    common = ["--workdir", str(workdir), "--audio-dir", str(args.labelled), "--library", str(library),
-              "--model", args.model, *args.args]
+    source = ["--audio-dir", str(args.labelled)] if args.labelled else []
+    common = ["--workdir", str(workdir), *source, "--library", str(library), "--model", args.model, *args.args]
     for run in ("first", "second"):
         melsearch("run", *common)
         status = json.loads(melsearch("status", "--json", *common))
