@@ -141,6 +141,13 @@ def _place(mels: np.ndarray, device: torch.device) -> torch.Tensor:
     return data
 
 
+@dataclass
+class _Failure:
+    """What the reader thread raised, for the consumer to raise."""
+
+    exc: BaseException
+
+
 def prefetch(read: Callable[[_Item], _Result], items: Iterable[_Item], *, depth: int,
              source: str) -> Iterator[_Result]:
     """``read(item)`` of each of ``items``, in order, computed by one background thread at most ``depth`` results
@@ -179,9 +186,9 @@ def prefetch(read: Callable[[_Item], _Result], items: Iterable[_Item], *, depth:
             try:
                 value = results.get(timeout=1.0)
             except queue.Empty:
-                if thread.is_alive():
-                    continue
-                raise MelsearchError(f"{source}: the feature reader thread ended without a result") from None
+                if not thread.is_alive() and results.empty():  # a dead thread puts nothing more
+                    raise MelsearchError(f"{source}: the feature reader thread ended without a result") from None
+                continue
             if value is done:
                 return
             if isinstance(value, _Failure):
@@ -193,11 +200,6 @@ def prefetch(read: Callable[[_Item], _Result], items: Iterable[_Item], *, depth:
     finally:
         stop.set()
         thread.join()
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
 
 
 class StoreCrops(Crops):
