@@ -248,3 +248,13 @@ def configure(overrides: dict[tuple[str, str], str] | None = None, *, models: It
     index_config()
     for model in models or model_names():
         train_config(model)
+    memory = train().feature_memory_gb
+    if memory != "auto" and not _is_number_at_least_0(memory):
+        raise MelsearchError(f"train.feature_memory_gb = {memory!r}: expected auto or a number of GB >= 0")
+
+
+def _is_number_at_least_0(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
