@@ -125,7 +125,8 @@ def fetch_gtzan(
             failures.append(str(exc))
     raise MelsearchError(
         "every GTZAN mirror failed (" + "; ".join(failures) + "). "
-        "If you have the data, pass it instead: --archive genres.tar.gz or --audio-dir DIR"
+        "If you have the data, pass it instead: --archive genres.tar.gz or --audio-dir DIR "
+        "(to index a --library without labelled music: --model musicnn)"
     )
 
 
