@@ -171,10 +171,11 @@ def run_pipeline(
         # the caller configures logging (the CLI: one handler, its level); Luigi adds no handler of its own
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
         result = luigi.build([root], workers=workers, detailed_summary=True, **kwargs)
-    # Under luigid, a task another worker was running when this one asked is reported "not run" even when that
-    # worker finished it: what counts is whether every output of the DAG now exists.
+    # Under luigid, a task another worker was running when this one asked is reported "not run" or "missing
+    # external" even when that worker finished it: what counts is whether every output of the DAG now exists.
     finished = result.status in (LuigiStatusCode.SUCCESS, LuigiStatusCode.SUCCESS_WITH_RETRY) or (
-        result.status == LuigiStatusCode.NOT_RUN and scheduler_url is not None and root.complete())
+        scheduler_url is not None and result.status in (LuigiStatusCode.NOT_RUN, LuigiStatusCode.MISSING_EXT)
+        and root.complete())
     if not finished:
         outcome = result.status.name.lower().replace("_", " ")
         raise MelsearchError(f"pipeline did not finish ({outcome}); see the errors above")
@@ -188,7 +189,7 @@ def _record_run(root: Pipeline) -> None:
     folders: dict[str, dict[str, str]] = {}
     for stage, tasks in stage_tasks(root).items():
         for task in tasks:
-            if not isinstance(task, CompareModels) and task.complete():
+            if not isinstance(task, CompareModels):  # a finished run: every task of its DAG is complete
                 relative = task.stage_dir.relative_to(layout.root).as_posix()
                 folders.setdefault(stage, {})[_record_name(task, root)] = relative
     # a run of fewer stages keeps what the last longer run recorded for the others
@@ -199,8 +200,7 @@ def _record_name(task: StageTask, root: Pipeline) -> str:
     """A folder's name in ``latest-run.json``: its model, ``library`` for a library's dataset and features, else ""."""
     if getattr(task, "model", ""):
         return task.model
-    of_library = isinstance(task, LibraryFeatures) or (isinstance(task, Dataset) and root.library
-                                                      and task.audio_dir == root.library)
+    of_library = isinstance(task, LibraryFeatures) or (bool(root.library) and task == library_dataset(root))
     return "library" if of_library else ""
 
 
