@@ -63,8 +63,9 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def _write_part(tracks: Sequence[tuple[str, str]], path: str, cfg: MelConfig) -> list[int | str]:
-    """Worker side: the log-mels of ``tracks`` streamed into the part file ``path``, in order.
+def write_mel_part(tracks: Sequence[tuple[str, str]], path: str, cfg: MelConfig) -> list[int | str]:
+    """Worker side: the log-mels of ``tracks`` streamed into the part file ``path``, in order (also the
+    library's per-file cache parts, :mod:`pipeline.library`).
 
     The part holds ``mel`` (rows, n_mels, n_frames) in ``cfg.dtype``, one row per decoded track, one track
     per chunk. Returns, per track, its frames holding audio or the reason it failed: a few bytes to send
@@ -95,7 +96,7 @@ def _write_parts_in_process(parts: list[list[tuple[str, str]]], folder: Path, cf
     outcomes = []
     with threadpool_limits(limits=1):  # as in a pool worker: the small matrix products gain nothing from threads
         for index, part in enumerate(parts):
-            outcomes.append(_write_part(part, str(folder / _part_name(index)), cfg))
+            outcomes.append(write_mel_part(part, str(folder / _part_name(index)), cfg))
             done(len(part))
     return outcomes
 
@@ -103,7 +104,7 @@ def _write_parts_in_process(parts: list[list[tuple[str, str]]], folder: Path, cf
 def _write_parts_in_pool(parts: list[list[tuple[str, str]]], folder: Path, cfg: MelConfig, workers: int,
                          done: Callable[[int], None]) -> list[list[int | str]]:
     pool = shared_pool(workers, preload=("pipeline.feature_shards",))
-    futures = {pool.submit(_write_part, part, str(folder / _part_name(index)), cfg): len(part)
+    futures = {pool.submit(write_mel_part, part, str(folder / _part_name(index)), cfg): len(part)
                for index, part in enumerate(parts)}
     try:
         for future in as_completed(futures):

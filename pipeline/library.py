@@ -34,9 +34,10 @@ from threadpoolctl import threadpool_limits
 from pipeline.dataset import file_identity
 from pipeline.embeddings import read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
+from pipeline.feature_shards import write_mel_part
 from pipeline.io import atomic_path
 from pipeline.manifest import read_manifest
-from pipeline.mel import MelConfig, log_mel_for_file
+from pipeline.mel import MelConfig
 from pipeline.parallel import shared_pool
 
 log = logging.getLogger(__name__)
@@ -50,37 +51,34 @@ _TRACK_SCHEMA = pa.schema([("track_id", pa.string()), ("path", pa.string()), ("i
 def _write_cache_part(items: Sequence[tuple[str, str]], folder: str, cfg: MelConfig) -> str:
     """Worker side: the log-mels of ``(identity, path)`` items into a new part of the cache ``folder``.
 
-    Written under a temporary name and renamed, so a part is whole or absent. Returns the part's file name.
+    The features stage's part (:func:`pipeline.feature_shards.write_mel_part`) plus each row's ``identity`` and
+    ``n_frames`` and the ``failed`` files, written under a temporary name and renamed, so a part is whole or
+    absent. Returns the part's file name.
     """
     name = "part-" + hashlib.sha256("\0".join(identity for identity, _ in items).encode()).hexdigest()[:16] + ".h5"
-    shape = (cfg.n_mels, cfg.n_frames)
     tmp = Path(folder) / f".{name}.{os.getpid()}.tmp"
-    identities, n_frames, failed = [], [], {}
-    with threadpool_limits(limits=1), h5py.File(tmp, "w") as h5:
-        mel = h5.create_dataset("mel", (len(items), *shape), maxshape=(None, *shape), dtype=cfg.dtype,
-                                chunks=(1, *shape))
-        for identity, path in items:
-            try:
-                spectrogram, n_true = log_mel_for_file(path, cfg)
-            except MelsearchError as exc:
-                failed[identity] = str(exc)
-                continue
-            mel.id.write_direct_chunk((len(identities), 0, 0), np.ascontiguousarray(spectrogram, dtype=cfg.dtype))
-            identities.append(identity)
-            n_frames.append(n_true)
-        mel.resize(len(identities), axis=0)
-        h5.create_dataset("identity", data=identities, dtype=h5py.string_dtype("utf-8"))
-        h5.create_dataset("n_frames", data=np.array(n_frames, dtype=np.int32))
+    with threadpool_limits(limits=1):
+        outcomes = write_mel_part(items, str(tmp), cfg)
+    written = [(identity, n) for (identity, _), n in zip(items, outcomes, strict=True) if not isinstance(n, str)]
+    with h5py.File(tmp, "a") as h5:
+        h5.create_dataset("identity", data=[identity for identity, _ in written], dtype=h5py.string_dtype("utf-8"))
+        h5.create_dataset("n_frames", data=np.array([n for _, n in written], dtype=np.int32))
         h5.attrs["mel_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
-        h5.attrs["failed"] = json.dumps(failed)
+        h5.attrs["failed"] = json.dumps({identity: reason for (identity, _), reason in zip(items, outcomes, strict=True)
+                                         if isinstance(reason, str)})
     os.replace(tmp, Path(folder) / name)
     return name
 
 
-def scan_feature_cache(folder: str | os.PathLike) -> dict[str, tuple[str, int, int] | str]:
-    """What a cache folder knows: identity -> (part file name, row, frames holding audio), or the failure reason."""
+def scan_feature_cache(folder: str | os.PathLike,
+                       names: Sequence[str] | None = None) -> dict[str, tuple[str, int, int] | str]:
+    """What a cache folder knows: identity -> (part file name, row, frames holding audio), or the failure reason.
+
+    ``names``: only these part files (default: every one).
+    """
     known: dict[str, tuple[str, int, int] | str] = {}
-    for part in sorted(Path(folder).glob("part-*.h5")):
+    parts = sorted(Path(folder).glob("part-*.h5")) if names is None else [Path(folder) / name for name in names]
+    for part in parts:
         try:
             with h5py.File(part, "r") as h5:
                 identities, n_frames = h5["identity"].asstr()[...], h5["n_frames"][...]
@@ -127,20 +125,20 @@ def write_library_features(
                    and identity not in known}.items())
     parts = [todo[start : start + PART_SIZE] for start in range(0, len(todo), PART_SIZE)]
     workers = min(len(parts), (os.cpu_count() or 1) if workers is None else workers)
+    names = []
     if workers <= 1:
-        names = [_write_cache_part(part, str(cache_dir), cfg) for part in parts]
-        for done, _ in enumerate(names, start=1):
+        for done, part in enumerate(parts, start=1):
+            names.append(_write_cache_part(part, str(cache_dir), cfg))
             if progress is not None:
                 progress(done, len(parts))
     else:
         pool = shared_pool(workers, preload=("pipeline.library",))
         futures = [pool.submit(_write_cache_part, part, str(cache_dir), cfg) for part in parts]
         for done, future in enumerate(as_completed(futures), start=1):
-            future.result()
+            names.append(future.result())
             if progress is not None:
                 progress(done, len(parts))
-    if todo:
-        known = scan_feature_cache(cache_dir)
+    known.update(scan_feature_cache(cache_dir, names))  # the parts just written: the others were read above
     rows = []
     for track_id, path in tracks:
         entry = known.get(identity_of.get(track_id, ""))
@@ -223,9 +221,7 @@ def write_library_embeddings(
     model_dir, cache_path = Path(model_dir).resolve(), Path(cache_path)
     classifier = GenreClassifier.load(model_dir, device=device)
     tracks, cfg, cache_dir = read_library_tracks(tracks_path)
-    if cfg.key() != classifier.feature_key:
-        raise MelsearchError(f"{tracks_path}: features key {cfg.key()} differ from the {classifier.feature_key} "
-                             f"that model {model_dir} was trained on")
+    classifier.check_features(cfg, tracks_path)
     by_id = {row["track_id"]: row for row in tracks}
     rows = [row for row in read_manifest(manifest_path, status="ok") if row["track_id"] in by_id]
     if not rows:
@@ -242,7 +238,7 @@ def write_library_embeddings(
                                                               names=[r["track_id"] for r in batch])
         for row, vector, label in zip(batch, vectors, classifier.labels_of(probabilities), strict=True):
             cached[row["identity"]] = (label, vector)
-    metadata = {"model": classifier.model_name, "model_key": model_dir.name, "feature_key": classifier.feature_key}
+    metadata = classifier.embeddings_metadata()
     if todo:
         keys = sorted(cached)
         write_embedding_rows([{"track_id": key, "predicted_label": cached[key][0]} for key in keys],

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 import pipeline.dataset
-import pipeline.library
+import pipeline.feature_shards
 from pipeline.audio import load_audio_spread
 from pipeline.dataset import build_manifest, file_identity
 from pipeline.io import params_key
@@ -114,8 +114,9 @@ def test_library_features_decode_only_new_files(tmp_path, library, monkeypatch):
         _tone(library / name, [(3.0, 700)])
     (library / sorted(library.glob("chanson*"))[0].name).unlink()
     decoded = []
-    real = pipeline.library.log_mel_for_file
-    monkeypatch.setattr(pipeline.library, "log_mel_for_file", lambda path, c: decoded.append(path) or real(path, c))
+    real = pipeline.feature_shards.log_mel_for_file  # the cache parts are the features stage's (write_mel_part)
+    monkeypatch.setattr(pipeline.feature_shards, "log_mel_for_file",
+                        lambda path, c: decoded.append(path) or real(path, c))
     second = write_library_features(_tracks(library), tmp_path / "b.parquet", cfg, cache, workers=1)
     assert (second["tracks"], second["extracted"], second["reused"], second["failed"]) == (7, 2, 6, 1)
     assert sorted(map(str, decoded)) == sorted(str(library / name) for name in ("neue ü.wav", "new one.wav"))
