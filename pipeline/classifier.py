@@ -161,6 +161,16 @@ class GenreClassifier:
         vectors, probabilities = self.embed_and_predict(mel[None], n_frames=np.array([n_true]), names=[str(path)])
         return vectors[0], probabilities[0]
 
+    def check_features(self, mel_config: MelConfig, source: str | os.PathLike) -> None:
+        """Refuse log-mels of ``source`` made with another :class:`MelConfig` than the model's input."""
+        if mel_config.key() != self.feature_key:
+            raise MelsearchError(f"{source}: features key {mel_config.key()} differ from the {self.feature_key} "
+                                 f"that model {self.model_dir} was trained on")
+
+    def embeddings_metadata(self) -> dict[str, str]:
+        """What an embeddings file records of the model that made it: ``model``, ``model_key``, ``feature_key``."""
+        return {"model": self.model_name, "model_key": self.model_dir.resolve().name, "feature_key": self.feature_key}
+
     def labels_of(self, probabilities: np.ndarray) -> list[str]:
         """The most probable label of each row of (N, n_classes) probabilities; ``""`` each for a model without
         labels (a pretrained backbone alone, :mod:`pipeline.pretrained`)."""

@@ -173,7 +173,7 @@ def write_embeddings(
     Parameters
     ----------
     manifest_path, features_path : the dataset stage's manifest and the features stage's HDF5.
-    model_dir : a trained model folder (``<workdir>/models/<model>-<key>``); its name is the model key.
+    model_dir : a trained model folder (``<workdir>/train/<model>-<key>``); its name is the model key.
     out_path : the Parquet file to write.
     device : torch device for the forward passes ("cpu", "cuda", "auto").
 
@@ -194,11 +194,7 @@ def write_embeddings(
     classifier = GenreClassifier.load(model_dir, device=device)
     rows = read_manifest(manifest_path, status="ok")
     with FeatureStore.open(features_path) as store:
-        if store.config.key() != classifier.feature_key:
-            raise MelsearchError(
-                f"{features_path}: features key {store.config.key()} differ from the {classifier.feature_key} "
-                f"that model {model_dir} was trained on"
-            )
+        classifier.check_features(store.config, features_path)
         known = set(store.track_ids)
         missing = [row["track_id"] for row in rows if row["track_id"] not in known]
         if missing:
@@ -207,8 +203,7 @@ def write_embeddings(
         if not rows:
             raise MelsearchError(f"{features_path}: none of the ok tracks of {manifest_path} has features")
         positions = store.index_of([row["track_id"] for row in rows])
-        metadata = {"model": classifier.model_name, "model_key": model_dir.name, "feature_key": classifier.feature_key}
-        schema = embeddings_schema(classifier.embedding_dim, metadata)
+        schema = embeddings_schema(classifier.embedding_dim, classifier.embeddings_metadata())
         batches = _embedded_batches(classifier, store, rows, positions, schema, batch_size=batch_size)
         with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             _write_row_groups(writer, batches, schema, row_group_size)

@@ -343,10 +343,7 @@ def build_annoy_index(
         ``recall_at_10``, ``recall_queries``,
         ``genre_precision_at_10``, ``precision_queries``, ``genre_precision_by_genre``; also in meta.json.
     """
-    if n_trees == 0 or n_trees < AUTO:
-        raise MelsearchError(f"n_trees must be -1 (auto) or >= 1, got {n_trees}")
-    if search_k == 0 or search_k < AUTO:
-        raise MelsearchError(f"search_k must be -1 (auto) or >= 1, got {search_k}")
+    IndexConfig(n_trees=n_trees, search_k=search_k, seed=seed)  # refuses values it does not take
     out_dir = Path(out_dir)
     meta = embeddings_metadata(embeddings_path)
     rows, vectors = read_embeddings(embeddings_path)

@@ -95,6 +95,10 @@ class WorkDir:
     def comparison_plot(self, key: str) -> Path:
         return self.root / "train" / f"comparison-{key}.png"
 
+    def model_folder(self, name: str) -> Path:
+        """``train/<name>``: the model folder named ``<model>-<key>``, as an index's meta.json names it."""
+        return self.root / "train" / name
+
     def added_table(self, model_folder: str) -> Path:
         """The side table of songs added to indexes of the model in ``train/<model_folder>``."""
         return self.root / "index" / f"added-{model_folder}.parquet"
@@ -168,7 +172,7 @@ class WorkDir:
         if self.store is not None:
             model_key = json.loads((index_dir / WRITTEN_LAST["index"]).read_text()).get("model_key", "")
             if model_key:
-                self.store.download_folder(self.root / "train" / model_key, exclude=NOT_READ["train"])
+                self.store.download_folder(self.model_folder(model_key), exclude=NOT_READ["train"])
                 self.store.download(self.added_table(model_key))
         return index_dir, why
 

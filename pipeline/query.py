@@ -36,6 +36,7 @@ from pipeline.index import (
 )
 from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, added_table_path
+from pipeline.storage import is_remote
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
@@ -83,7 +84,8 @@ class MusicSearch:
 
         Parameters
         ----------
-        workdir_or_index : ``<workdir>/index/<model>-<key>/`` or a work directory.
+        workdir_or_index : ``<workdir>/index/<model>-<key>/`` or a work directory, ``s3://BUCKET/PREFIX`` too
+            (its index and the model folder that built it are then downloaded into the local mirror).
         model_dir : the model to embed query files with; default ``<workdir>/train/<model_key of the index>``.
             Given, it is loaded now and checked against the index.
         model : in a work directory, take the index of this model name (e.g. ``"resnet_v2"``), chosen by
@@ -95,16 +97,16 @@ class MusicSearch:
             No index built yet; an index built by another model or dimension than ``model_dir``'s.
         """
         path = Path(workdir_or_index)
-        if (path / META_FILE).is_file():
+        if not is_remote(workdir_or_index) and (path / META_FILE).is_file():
             index_dir, why = path, "given"
-        elif path.is_dir():
+        elif is_remote(workdir_or_index) or path.is_dir():
             if model is None and model_dir is not None:
                 model = _model_name(Path(model_dir))
-            index_dir, why = WorkDir(path).choose("index", model)
+            index_dir, why = WorkDir(workdir_or_index).fetch_index(model)
         else:
             raise MelsearchError(f"{path}: no such index folder or work directory")
         meta = read_index_meta(index_dir)
-        default_model = WorkDir(index_dir.resolve().parent.parent).root / "train" / meta.get("model_key", "")
+        default_model = WorkDir(index_dir.resolve().parent.parent).model_folder(meta.get("model_key", ""))
         search = cls(index_dir, meta, Path(model_dir) if model_dir is not None else default_model, device=device)
         search.chosen_because = why
         if model_dir is not None:

@@ -13,9 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.errors import MelsearchError
-from pipeline.layout import WorkDir
 from pipeline.query import RECOMMEND_RULES, MusicSearch
-from pipeline.storage import is_remote
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -77,12 +75,7 @@ def _answer(args: argparse.Namespace, search_with: Callable[[MusicSearch], list[
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.index_dir is None and is_remote(args.workdir):  # a bucket: its index folder, fetched into the cache
-            index_dir, why = WorkDir(args.workdir).fetch_index(args.model)
-            search = MusicSearch.load(index_dir, **load)
-            search.chosen_because = why
-        else:
-            search = MusicSearch.load(args.index_dir or args.workdir, model=args.model, **load)
+        search = MusicSearch.load(args.index_dir or args.workdir, model=args.model, **load)
         results = search_with(search)
     except MelsearchError as exc:
         print(f"melsearch: {exc}", file=sys.stderr)
