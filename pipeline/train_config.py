@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,3 +60,19 @@ class TrainConfig:
     def key(self) -> str:
         """Short hash of every field."""
         return params_key(self.to_dict())
+
+
+def parse_memory_gb(memory_gb: float | str) -> float | None:
+    """The feature memory setting (``[train] feature_memory_gb``) as GB, or None for ``"auto"``.
+
+    Raises MelsearchError unless it is ``"auto"`` or a number >= 0 (0: always stream).
+    """
+    if memory_gb == "auto":
+        return None
+    try:
+        gb = float(memory_gb)
+    except (TypeError, ValueError):
+        gb = math.nan
+    if not gb >= 0:  # NaN too
+        raise MelsearchError(f"train.feature_memory_gb must be 'auto' or a number of GB >= 0, got {memory_gb!r}")
+    return gb

@@ -35,6 +35,7 @@ from pipeline.feature_store import FeatureStore
 from pipeline.inference import Crops, TensorCrops, crop_batches, crop_frames, standardise, to_device, track_outputs
 from pipeline.manifest import SPLITS, read_manifest
 from pipeline.mel import MelConfig
+from pipeline.train_config import parse_memory_gb
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,8 @@ def available_memory() -> int:
 def feature_memory_limit(memory_gb: float | str) -> float:
     """Bytes of float32 log-mels that may load into memory: ``memory_gb`` GB (1e9 bytes), or ``"auto"``:
     :data:`AUTO_MEMORY_FRACTION` of :func:`available_memory`. 0 streams every features file."""
-    if memory_gb == "auto":
-        return AUTO_MEMORY_FRACTION * available_memory()
-    try:
-        gb = float(memory_gb)
-    except (TypeError, ValueError):
-        gb = math.nan
-    if not gb >= 0:  # NaN too
-        raise MelsearchError(f"feature memory_gb must be 'auto' or a number of GB >= 0, got {memory_gb!r}")
-    return gb * 1e9
+    gb = parse_memory_gb(memory_gb)
+    return AUTO_MEMORY_FRACTION * available_memory() if gb is None else gb * 1e9
 
 
 def _labelled_rows(store: FeatureStore, manifest_path: str | os.PathLike) -> dict:

@@ -29,7 +29,7 @@ from pipeline.errors import MelsearchError
 from pipeline.index import IndexConfig
 from pipeline.mel import PRESETS, MelConfig
 from pipeline.sources import GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
-from pipeline.train_config import TrainConfig
+from pipeline.train_config import TrainConfig, parse_memory_gb
 
 # Windows per track in library runs: 10 windows of 3 s over a 30 s input, one training crop (crop_s) each,
 # spread over the whole song; a clip no longer than duration_s is read whole whatever the setting.
@@ -248,13 +248,4 @@ def configure(overrides: dict[tuple[str, str], str] | None = None, *, models: It
     index_config()
     for model in models or model_names():
         train_config(model)
-    memory = train().feature_memory_gb
-    if memory != "auto" and not _is_number_at_least_0(memory):
-        raise MelsearchError(f"train.feature_memory_gb = {memory!r}: expected auto or a number of GB >= 0")
-
-
-def _is_number_at_least_0(text: str) -> bool:
-    try:
-        return float(text) >= 0
-    except ValueError:
-        return False
+    parse_memory_gb(train().feature_memory_gb)

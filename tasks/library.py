@@ -42,16 +42,19 @@ class LibraryFeatures(FeaturesBase):
     def cache_dir(self) -> Path:
         return self.layout.feature_cache(self.mel_config.key())
 
-    def pull(self) -> None:
-        """In a bucket: the tracks file, and the cache parts it points to."""
-        super().pull()
+    def _pull_cache(self) -> None:
+        """In a bucket: every cache part, so what any machine extracted before is decoded by none again."""
         if self.layout.store is not None:
             self.layout.store.download_folder(self.cache_dir)
 
+    def pull(self) -> None:
+        """In a bucket: the tracks file, and the cache parts it points to."""
+        super().pull()
+        self._pull_cache()
+
     def pull_inputs(self) -> None:
         super().pull_inputs()
-        if self.layout.store is not None:  # what every machine extracted before is decoded by none again
-            self.layout.store.download_folder(self.cache_dir)
+        self._pull_cache()
 
     def push_outputs(self) -> None:
         if self.layout.store is not None:  # the new parts before the tracks file that points to them

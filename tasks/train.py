@@ -8,9 +8,10 @@ from models import PRETRAINED_MODELS
 from pipeline.io import params_key
 from pipeline.mel import MelConfig
 from tasks.base import ModelStageTask, StageTask
-from tasks.config import features_preset, mel_config, train, train_config
+from tasks.config import train, train_config
 from tasks.dataset import Dataset
 from tasks.features import features_for
+from tasks.library import library_features_for
 
 
 class Train(ModelStageTask):
@@ -50,7 +51,8 @@ class Pretrained(ModelStageTask):
 
     @property
     def mel_config(self) -> MelConfig:
-        return mel_config(features_preset(self.model), library=bool(self.library))
+        """The input of the library features it embeds."""
+        return library_features_for(self, self.model).mel_config
 
     @property
     def key(self) -> str:

@@ -54,7 +54,8 @@ def test_a_preset_is_the_base_that_set_fields_override(monkeypatch: pytest.Monke
     ({("train", "epochs"): "0"}, "TrainConfig.epochs must be >= 1"),
     ({("train", "model_kwargs"): "[1]"}, "expected a JSON object"),
     ({("index", "search_k"): "0"}, "IndexConfig.search_k must be -1 or > 0"),
-    ({("train", "feature_memory_gb"): "lots"}, "train.feature_memory_gb = 'lots': expected auto or a number"),
+    ({("train", "feature_memory_gb"): "lots"},
+     "train.feature_memory_gb must be 'auto' or a number of GB >= 0, got 'lots'"),
     ({("dataset", "split"): "nope"}, r"\[dataset\]: nope is not a valid choice"),
     ({("nosection", "x"): "1"}, "unknown settings section 'nosection'"),
 ])
