@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline.errors import MelsearchError
+from pipeline.io import atomic_path
 from pipeline.layout import STAGES
 
 log = logging.getLogger("pipeline")
@@ -134,14 +136,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vector_path(out: str, song: str) -> Path:
+    """Where ``encode --out`` writes: ``out`` itself, or ``out/<song>.npy`` when ``out`` is a folder (or ends in /)."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(os.sep):
+        return path / f"{Path(song).stem}.npy"
+    return path
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    out = _vector_path(args.out, args.file) if args.out else None
     vector = _classifier(args).encode(args.file)
-    if args.out:
-        with open(args.out, "wb") as handle:  # a handle: np.save would append .npy to a bare name
-            np.save(handle, vector)
-        print(f"wrote {vector.shape[0]}-d vector to {args.out}")
+    if out is not None:
+        try:
+            with atomic_path(out) as tmp, open(tmp, "wb") as handle:  # np.save would append .npy to a bare name
+                np.save(handle, vector)
+        except OSError as exc:
+            raise MelsearchError(f"{out}: cannot write the vector ({exc.strerror or exc})") from exc
+        print(f"wrote {vector.shape[0]}-d vector to {out}")
     else:
         print(json.dumps([round(float(v), 6) for v in vector]) if args.json else " ".join(f"{v:.6f}" for v in vector))
     return 0
@@ -193,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("files", nargs="+", metavar="FILE")
         else:
             command.add_argument("file", metavar="FILE")
-            command.add_argument("--out", help="write the vector to this .npy file")
+            command.add_argument("--out", help="write the vector to this .npy file, or DIR/<song>.npy for a folder "
+                                 "(missing folders are made)")
         command.add_argument("--workdir", default="data/work")
         command.add_argument("--model", default=None,
                              help="which trained model (default: the latest run's, else the newest)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,20 @@ class WorkDir:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.store: S3Store | None = open_store(str(root)) if is_remote(root) else None
-        self.root = self.store.local if self.store is not None else Path(root)
+        # absolute: pyarrow takes a relative path with a colon (``rel:dir``) for a URI
+        self.root = self.store.local if self.store is not None else Path(root).absolute()
+
+    def check_writable(self) -> None:
+        """Create the work directory (local, or a bucket's mirror); one-line MelsearchError if it cannot be written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise MelsearchError(f"{self.root}: the work directory is a file, not a folder (--workdir)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise MelsearchError(f"{self.root}: cannot write the work directory here ({exc.strerror or exc}; "
+                                 "--workdir)") from exc
 
     def location(self, path: str | os.PathLike) -> str:
         """How to name ``path`` to a user: its ``s3://`` address in a bucket work directory, else the path."""

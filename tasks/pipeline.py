@@ -156,6 +156,9 @@ def run_pipeline(
         raise MelsearchError(f"{archive}: no such file (--archive)")
     if library and not Path(library).is_dir():
         raise MelsearchError(f"{library}: no such folder (--library)")
+    if workers < 1:
+        raise MelsearchError(f"--workers {workers}: at least one worker runs the tasks")
+    WorkDir(workdir).check_writable()
     root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, library=library, stage=stage,
                     models=list(models))
     lock = workdir_lock(workdir) if scheduler_url is None else contextlib.nullcontext()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,19 +14,39 @@ from pathlib import Path
 from pipeline.errors import MelsearchError
 from pipeline.layout import WorkDir
 
+log = logging.getLogger(__name__)
+
 
 def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
     base = WorkDir(workdir).scheduler_dir
     return {"dir": base, "pid": base / "luigid.pid", "log": base / "logs", "state": base / "state.pickle"}
 
 
+def _command_line(pid: int) -> list[str]:
+    """The arguments process ``pid`` was started with ([] when it is gone or cannot be read)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def _pid(workdir: str | os.PathLike) -> int | None:
-    """The pid in the pid file when that process is alive, else None."""
+    """The pid in the pid file when it is this work directory's luigid, else None (a stale file is removed).
+
+    After a crash or a reboot the file may name a process that is not ours: its command line must be luigid's
+    with our pid file, so that ``stop`` never signals an unrelated process.
+    """
     pid_file = _paths(workdir)["pid"]
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
+        return None
+    command = _command_line(pid)
+    ours = any(Path(arg).name == "luigid" or arg.endswith("luigid") for arg in command[:3]) \
+        and str(pid_file) in command
+    if not ours:
+        log.warning("%s: stale pid file (pid %d is not this work directory's luigid); removed", pid_file, pid)
+        pid_file.unlink(missing_ok=True)
         return None
     return pid
 

@@ -196,3 +196,27 @@ def test_real_clips_never_seen_are_predicted_better_than_chance(real_audio_dir, 
     right = sum(classifier.predict(row["path"])["label"] == row["label"] for row in held_out)
     assert right == round(10 * metrics["test_accuracy"])
     assert right >= 3  # chance gets 1 of 10; 3 or more happens by chance 7% of the time
+
+
+@pytest.mark.parametrize("out", ["folder", "missing/parent/x.npy"])
+def test_encode_out_writes_into_a_folder_or_makes_missing_parents(model_dir, tmp_path, capsys, out) -> None:
+    from pipeline.cli import main
+
+    song = sorted(model_dir[1]["audio"].rglob("*.wav"))[0]
+    (tmp_path / "folder").mkdir()
+    assert main(["encode", str(song), "--model-dir", str(model_dir[0]), "--out", str(tmp_path / out)]) == 0
+    written = tmp_path / "folder" / f"{song.stem}.npy" if out == "folder" else tmp_path / out
+    vector = np.load(written)
+    np.testing.assert_allclose(vector, GenreClassifier.load(model_dir[0]).encode(song), rtol=1e-5, atol=1e-6)
+    assert str(written) in capsys.readouterr().out
+
+
+def test_encode_out_that_cannot_be_written_is_one_line(model_dir, tmp_path, capsys) -> None:
+    from pipeline.cli import main
+
+    song = sorted(model_dir[1]["audio"].rglob("*.wav"))[0]
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "x.npy"
+    assert main(["encode", str(song), "--model-dir", str(model_dir[0]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"melsearch: {out}: cannot write the vector") and "\n" not in err
