@@ -14,8 +14,6 @@ from pipeline.io import atomic_path
 from pipeline.layout import STAGES
 
 log = logging.getLogger("pipeline")
-HEADLINE_FIGURES = ("tracks", "ok", "rejected", "failed", "extracted", "reused", "computed", "trained", "epochs_run",
-                    "best_epoch", "test_accuracy", "test_macro_f1", "count", "recall_at_10", "genre_precision_at_10")
 
 
 class _OneLineMelsearchErrors(logging.Filter):
@@ -27,10 +25,23 @@ class _OneLineMelsearchErrors(logging.Filter):
         return True
 
 
-def _configure_logging(verbose: int) -> None:
+# Loggers whose INFO lines are a run's progress: shown on stderr unless --quiet.
+PROGRESS_LOGGERS = ("tasks.progress", "pipeline.train")
+
+
+def _configure_logging(verbose: int, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("luigi-interface").addFilter(_OneLineMelsearchErrors())
+    if quiet:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("melsearch: %(message)s"))
+    for name in PROGRESS_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(min(level, logging.INFO))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _configure_stages(args: argparse.Namespace) -> list[str]:
@@ -82,11 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
     """One line per output: stage, done or missing, path, and the headline figures."""
+    from tasks.progress import headline
+
     for stage in stages:
         for entry in status[stage]["outputs"]:
-            figures = entry.get("figures", {})
-            brief = ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()
-                              if k in HEADLINE_FIGURES)
+            brief = headline(entry.get("figures", {}))
             print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
 
 
@@ -176,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines on stderr (warnings and errors still show)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the pipeline (Luigi) up to --stage", parents=[common])
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args, args.stage_settings = parser.parse_known_args(argv)
     if args.stage_settings and args.func not in (cmd_run, cmd_status):
         parser.error(f"unrecognized arguments: {' '.join(args.stage_settings)}")
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.quiet or getattr(args, "json", False))
     try:
         return args.func(args)
     except MelsearchError as exc:

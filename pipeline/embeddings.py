@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,9 +120,10 @@ def _embedded_batches(
     schema: pa.Schema,
     *,
     batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of ``batch_size`` tracks: rows of the manifest plus predicted label and unit vector."""
-    with tqdm(total=len(rows), desc="embeddings", unit="track", disable=None) as progress:
+    with tqdm(total=len(rows), desc="embeddings", unit="track", disable=None) as bar:
         for start in range(0, len(rows), batch_size):
             batch, where = rows[start : start + batch_size], positions[start : start + batch_size]
             mels, n_frames = store.read(where), store.n_frames[where]  # (b, n_mels, frames) dB, (b,)
@@ -131,7 +132,9 @@ def _embedded_batches(
             batch = [{**row, "predicted_label": label}
                      for row, label in zip(batch, classifier.labels_of(probabilities), strict=True)]
             yield _record_batch(batch, vectors, schema)
-            progress.update(len(batch))
+            bar.update(len(batch))
+            if progress is not None:
+                progress(bar.n, len(rows))
 
 
 def _write_row_groups(
@@ -161,6 +164,7 @@ def write_embeddings(
     batch_size: int = 64,
     device: str = "cpu",
     row_group_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Embed every ``ok`` track of the manifest that has features (all splits, unlabelled too) into Parquet.
 
@@ -176,6 +180,7 @@ def write_embeddings(
     model_dir : a trained model folder (``<workdir>/train/<model>-<key>``); its name is the model key.
     out_path : the Parquet file to write.
     device : torch device for the forward passes ("cpu", "cuda", "auto").
+    progress : called as ``progress(done, total)`` tracks after each batch.
 
     Returns
     -------
@@ -204,7 +209,8 @@ def write_embeddings(
             raise MelsearchError(f"{features_path}: none of the ok tracks of {manifest_path} has features")
         positions = store.index_of([row["track_id"] for row in rows])
         schema = embeddings_schema(classifier.embedding_dim, classifier.embeddings_metadata())
-        batches = _embedded_batches(classifier, store, rows, positions, schema, batch_size=batch_size)
+        batches = _embedded_batches(classifier, store, rows, positions, schema, batch_size=batch_size,
+                                    progress=progress)
         with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             _write_row_groups(writer, batches, schema, row_group_size)
     log.info("embedded %d tracks (%d-d) with %s into %s", len(rows), classifier.embedding_dim, model_dir.name, out_path)

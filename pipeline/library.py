@@ -205,12 +205,14 @@ def write_library_embeddings(
     *,
     device: str = "cpu",
     batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """The embeddings file of a library, computing only the vectors ``cache_path`` lacks for this model.
 
     Each vector is :meth:`GenreClassifier.embed_and_predict`'s, as in :func:`pipeline.embeddings.write_embeddings`;
     rows are the manifest's ``ok`` tracks with features. The cache (a Parquet embeddings file whose
-    ``track_id`` column holds file identities) is rewritten with the new vectors added.
+    ``track_id`` column holds file identities) is rewritten with the new vectors added. ``progress(done, total)``
+    counts the vectors computed, after each batch.
 
     Returns
     -------
@@ -232,12 +234,16 @@ def write_library_embeddings(
     todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
                  if by_id[row["track_id"]]["identity"] not in cached}.values())
     todo.sort(key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
+    done = 0
     for batch in _batches(todo, batch_size):
         mels = read_cached_mels(batch, cache_dir, cfg)
         vectors, probabilities = classifier.embed_and_predict(mels, n_frames=np.array([r["n_frames"] for r in batch]),
                                                               names=[r["track_id"] for r in batch])
         for row, vector, label in zip(batch, vectors, classifier.labels_of(probabilities), strict=True):
             cached[row["identity"]] = (label, vector)
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(todo))
     metadata = classifier.embeddings_metadata()
     if todo:
         keys = sorted(cached)

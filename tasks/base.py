@@ -14,6 +14,7 @@ import luigi
 from pipeline.dataset import folder_fingerprint
 from pipeline.io import params_key
 from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, read_figures, write_figures
+from tasks.progress import ProgressLine, task_name
 
 
 @functools.lru_cache(maxsize=16)
@@ -162,10 +163,17 @@ class StageTask(luigi.Task):
         """Record the stage's headline figures: the last write, which marks the folder finished."""
         write_figures(self.stage_dir, figures)
 
+    progress_unit = "parts"  # what report()'s done and total count ("": no terminal line, the stage logs its own)
+
     def report(self, done: int, total: int) -> None:
-        """Forward a stage's progress to the scheduler's page."""
+        """Forward a stage's progress to the scheduler's page and, every few seconds, to the terminal."""
         self.set_progress_percentage(round(100 * done / max(total, 1)))
         self.set_status_message(f"{done}/{total}")
+        if not self.progress_unit:
+            return
+        if getattr(self, "_progress_line", None) is None:
+            self._progress_line = ProgressLine(task_name(self), self.progress_unit)
+        self._progress_line(done, total)
 
 
 class ModelStageTask(StageTask):

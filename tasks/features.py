@@ -40,6 +40,7 @@ class FeatureShard(FeaturesBase):
     """``<workdir>/features/<key>/shards/shard-NNNNN.h5``: the log-mels of one slice of the manifest."""
 
     shard = luigi.IntParameter()
+    progress_unit = "tracks"
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir / "shards" / f"shard-{self.shard:05d}.h5"))

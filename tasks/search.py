@@ -27,6 +27,7 @@ class Embeddings(ModelStageTask):
     """
 
     stage = "embeddings"
+    progress_unit = "tracks"
     library = luigi.Parameter(default="", description="a folder to embed instead of the source ('': the source)")
 
     def requires(self) -> dict[str, luigi.Task]:
@@ -60,10 +61,11 @@ class Embeddings(ModelStageTask):
         inputs, model_dir = self.requires(), model_task(self).stage_dir
         if self.library:
             figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
-                                               self.artifact, self.vector_cache, device=train().device)
+                                               self.artifact, self.vector_cache, device=train().device,
+                                               progress=self.report)
         else:
             figures = write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
-                                       self.artifact, device=train().device)
+                                       self.artifact, device=train().device, progress=self.report)
         self.finish(figures)
 
 

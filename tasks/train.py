@@ -22,6 +22,7 @@ class Train(ModelStageTask):
 
     stage = "train"
     resources = {"gpu": 1}
+    progress_unit = ""  # pipeline.train logs each epoch with its loss and accuracy
     library = luigi.Parameter(default="", description="the library the run indexes: its features rule is the model's")
 
     def requires(self) -> dict[str, luigi.Task]:

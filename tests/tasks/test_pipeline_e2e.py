@@ -31,11 +31,27 @@ def files_of(snap: dict, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def built(synth_dir, tmp_path_factory) -> Path:
-    """A work directory with the whole pipeline run once (local scheduler)."""
+def first_run(synth_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A work directory with the whole pipeline run once (local scheduler), and what that run printed."""
     workdir = tmp_path_factory.mktemp("built")
-    melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST)
-    return workdir
+    return workdir, melsearch("run", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST)
+
+
+@pytest.fixture(scope="module")
+def built(first_run) -> Path:
+    return first_run[0]
+
+
+def test_a_run_says_what_it_is_doing_on_stderr(first_run):
+    """Not a terminal: no bars, but a line as each stage starts and ends, with progress inside; results on stdout."""
+    lines = first_run[1].stderr.splitlines()
+    for stage in ("dataset", "features", "train cifar10", "embeddings cifar10", "index cifar10"):
+        assert f"melsearch: {stage} started" in lines, first_run[1].stderr
+        assert any(line.startswith(f"melsearch: {stage} done in ") for line in lines), first_run[1].stderr
+    assert "melsearch: cifar10 epoch 6/6: train loss" in first_run[1].stderr
+    assert any(line.startswith("melsearch: features shard 0: ") and " tracks (" in line for line in lines)
+    assert "\r" not in first_run[1].stderr and "it/s" not in first_run[1].stderr  # no tqdm bar off a terminal
+    assert first_run[1].stdout.splitlines()[0].startswith("dataset     done")
 
 
 def test_whole_pipeline_outputs(built, synth_dir):
