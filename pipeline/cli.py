@@ -103,10 +103,17 @@ def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     models = _configure_stages(args)
-    from tasks.pipeline import pipeline_status
+    from tasks.pipeline import pipeline_status, recorded_status
 
-    status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive,
-                             library=args.library, models=models)
+    status = None
+    if not (args.audio_dir or args.archive or args.library):  # the last run, whatever its source and settings
+        status = recorded_status(args.workdir, models=[args.model] if args.model and args.model != "all" else None)
+        if status is not None:
+            print(f"melsearch: the latest run in {args.workdir} (latest-run.json); give the source flags for another",
+                  file=sys.stderr)
+    if status is None:
+        status = pipeline_status(workdir=args.workdir, audio_dir=args.audio_dir, archive=args.archive,
+                                 library=args.library, models=models)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -274,3 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("melsearch: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `melsearch ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
+        return 141

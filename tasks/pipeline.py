@@ -15,7 +15,7 @@ import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.errors import MelsearchError
-from pipeline.layout import FIGURES_FILE, STAGES, WorkDir
+from pipeline.layout import FIGURES_FILE, PER_MODEL_STAGES, STAGES, WorkDir, read_figures
 from tasks.base import StageTask
 from tasks.dataset import Dataset
 from tasks.features import Features, features_for
@@ -227,4 +227,33 @@ def pipeline_status(
                 entry["figures"] = task.figures()
             entries.append(entry)
         status[stage] = {"done": all(e["done"] for e in entries), "outputs": entries}
+    return status
+
+
+def recorded_status(workdir: str, models: Sequence[str] | None = None) -> dict | None:
+    """:func:`pipeline_status` of the folders ``latest-run.json`` names (``models``: only theirs), for a ``status``
+    given no source: the last run, whatever its settings were. None when no run was recorded."""
+    layout = WorkDir(workdir)
+    record = layout.read_run_record()
+    if not record:
+        return None
+    status = {}
+    for stage in STAGES:
+        entries = []
+        for name, folder in sorted(record.get(stage, {}).items()):
+            if stage in PER_MODEL_STAGES and models and name not in models:
+                continue
+            path = layout.root / folder
+            if layout.store is not None:
+                layout.store.download(WorkDir.figures_path(path))
+            figures = read_figures(path)
+            entry = {"done": bool(figures), "output": layout.location(WorkDir.artifact(stage, path))}
+            if stage in PER_MODEL_STAGES:
+                entry["model"] = name
+            elif name:
+                entry["of"] = name  # "library": a library's dataset or features
+            if figures:
+                entry["figures"] = figures
+            entries.append(entry)
+        status[stage] = {"done": bool(entries) and all(e["done"] for e in entries), "outputs": entries}
     return status

@@ -65,6 +65,18 @@ def test_whole_pipeline_outputs(built, synth_dir):
     assert index["count"] == 24 and index["recall_at_10"] >= 0.98
 
 
+def test_status_without_source_flags_reports_the_latest_run(built, tmp_path):
+    """The FAST settings and the source are not repeated: the run's own folders are found from latest-run.json."""
+    result = melsearch("status", "--workdir", str(built), "--json")
+    report = json.loads(result.stdout)
+    assert all(report[stage]["done"] for stage in STAGE_DIRS), report
+    assert report["index"]["outputs"][0]["figures"]["count"] == 24
+    assert "latest-run.json" in result.stderr
+    # a work directory with no recorded run: the settings given (GTZAN by default) name what is missing
+    report = json.loads(melsearch("status", "--workdir", str(tmp_path), "--json").stdout)
+    assert not any(report[stage]["done"] for stage in STAGE_DIRS)
+
+
 def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
     args = ("run", "--audio-dir", str(synth_dir), "--workdir", str(built), *FAST)
     before = snapshot(built)
