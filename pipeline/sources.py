@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from tqdm import tqdm
 
@@ -150,41 +154,148 @@ def _unsafe_reason(
     return ""
 
 
-def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+# default size budget of an extraction: what audio archives never reach (audio barely compresses), and the free
+# disk it must leave; [dataset] extract_max_ratio and extract_min_free_gb set them
+EXTRACT_MAX_RATIO = 4.0
+EXTRACT_MIN_FREE_GB = 1.0
+
+
+def _size(n: float) -> str:
+    """Bytes as the user reads them: ``"3 MB"``, ``"1.2 GB"``, ``"600 B"``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+class _Budget:
+    """The bytes an extraction may write: ``max_ratio`` x the archive's size, and what leaves ``min_free_gb`` free."""
+
+    def __init__(self, archive: Path, folder: Path, max_ratio: float, min_free_gb: float) -> None:
+        if not (max_ratio > 0 and min_free_gb >= 0):
+            raise MelsearchError(f"extract_max_ratio must be > 0 and extract_min_free_gb >= 0, "
+                                 f"got {max_ratio!r} and {min_free_gb!r} ([dataset] settings)")
+        size, free = archive.stat().st_size, shutil.disk_usage(folder).free
+        by_ratio, by_disk = max_ratio * size, free - min_free_gb * 1e9
+        self.limit = min(by_ratio, by_disk)
+        self.why = (f"it expands past {_size(by_ratio)} ({max_ratio:g}x the archive's {_size(size)}; "
+                    f"[dataset] extract_max_ratio)" if by_ratio <= by_disk else
+                    f"it would leave less than {min_free_gb:g} GB free on the disk of {folder.parent} "
+                    f"({_size(free)} free; [dataset] extract_min_free_gb)")
+        self.archive = archive
+
+    def check(self, total: int) -> None:
+        """Raise MelsearchError when ``total`` bytes of files are over the budget."""
+        if total > self.limit:
+            raise MelsearchError(f"{self.archive}: refusing to extract: {self.why}")
+
+
+@contextlib.contextmanager
+def _reading(archive: Path) -> Iterator[None]:
+    """A damaged archive (bad header, truncated or corrupt compressed data) as one MelsearchError."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise MelsearchError(f"{archive}: damaged archive ({exc})") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # a file-system error of ours (a full disk), not of the archive's data
+            raise
+        raise MelsearchError(f"{archive}: damaged archive ({exc})") from exc
+
+
+def _write_member(source: IO[bytes], root: Path, name: str, written: int, budget: _Budget) -> int:
+    """Copy one member's bytes to ``root/name``, counted against ``budget`` before each block is written.
+
+    Returns the extraction's byte total so far. The count does not trust the sizes the archive declares.
+    """
+    path = root.joinpath(*PurePosixPath(name.replace("\\", "/")).parts)
+    real_root = os.path.realpath(root)
+    # links inside the archive may chain so that a later member's folder lies elsewhere: write only under root
+    if os.path.commonpath([real_root, os.path.realpath(path.parent)]) != real_root:
+        raise MelsearchError(f"{budget.archive}: refusing member {name!r}: its folder is a link outside the archive")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()  # a later member of the same name replaces it, as tar does; never written through a link
+    with source, open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb") as out:
+        for block in iter(lambda: source.read(_CHUNK), b""):
+            written += len(block)
+            budget.check(written)
+            out.write(block)
+    return written
+
+
+def _extract_zip(archive: Path, root: Path, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            reason = _unsafe_reason(info.filename)
+            if reason:
+                raise MelsearchError(f"{archive}: refusing member {info.filename!r}: {reason}")
+        budget.check(sum(info.file_size for info in infos if not info.is_dir()))
+        written = 0
+        for info in infos:
+            if info.is_dir():
+                root.joinpath(*PurePosixPath(info.filename).parts).mkdir(parents=True, exist_ok=True)
+            else:
+                written = _write_member(zf.open(info), root, info.filename, written, budget)
+
+
+def _extract_tar(archive: Path, root: Path, budget: _Budget) -> None:
+    try:
+        tf = tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise MelsearchError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
+    # the "data" filter repeats the link checks inside tarfile where this Python has it (3.10.12+)
+    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tf:
+        members, declared = [], 0
+        for m in tf:  # headers one by one: one that declares too much stops the scan before its data is read
+            reason = _unsafe_reason(
+                m.name, is_symlink=m.issym(), is_hardlink=m.islnk(), link_target=m.linkname,
+                is_special=m.isdev() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()),
+            )
+            if reason:
+                raise MelsearchError(f"{archive}: refusing member {m.name!r}: {reason}")
+            declared += m.size if m.isfile() else 0
+            budget.check(declared)
+            members.append(m)
+        written = 0
+        for m in members:
+            if m.isfile():
+                written = _write_member(tf.extractfile(m), root, m.name, written, budget)
+            elif m.isdir():
+                root.joinpath(*PurePosixPath(m.name).parts).mkdir(parents=True, exist_ok=True)
+            else:  # a link: no data of its own
+                tf.extract(m, root, **kwargs)
+
+
+def extract_archive(
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_ratio: float = EXTRACT_MAX_RATIO,
+    min_free_gb: float = EXTRACT_MIN_FREE_GB,
+) -> Path:
     """Extract a .tar.gz/.tgz/.tar/.zip ``archive`` into folder ``dest``, safely and atomically.
 
     Every member is checked before anything is written: absolute paths, ``..`` components, links that
-    point outside the archive and device/fifo members make the whole archive refused. Extraction goes to a
-    temporary folder renamed to ``dest`` when complete.
+    point outside the archive and device/fifo members make the whole archive refused. So does a size over
+    the budget: the files may total at most ``max_ratio`` times the archive's size, and must leave
+    ``min_free_gb`` GB (1e9 bytes) free on ``dest``'s disk. The members' declared sizes are checked first,
+    then the bytes are counted again as they are written. Extraction goes to a temporary folder renamed to
+    ``dest`` when complete; a refused archive leaves nothing behind.
+
+    Raises
+    ------
+    MelsearchError
+        ``"<archive>: refusing ..."`` or ``"<archive>: damaged archive (...)"``, one line.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise MelsearchError(f"{archive}: no such archive")
-    with atomic_path(dest, is_dir=True) as tmp:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    reason = _unsafe_reason(info.filename)
-                    if reason:
-                        raise MelsearchError(f"{archive}: refusing member {info.filename!r}: {reason}")
-                zf.extractall(tmp)
-        else:
-            try:
-                tf = tarfile.open(archive)
-            except (tarfile.TarError, OSError) as exc:
-                raise MelsearchError(f"{archive}: not a readable tar or zip archive ({exc})") from exc
-            with tf:
-                members = tf.getmembers()
-                for m in members:
-                    reason = _unsafe_reason(
-                        m.name, is_symlink=m.issym(), is_hardlink=m.islnk(), link_target=m.linkname,
-                        is_special=m.isdev() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()),
-                    )
-                    if reason:
-                        raise MelsearchError(f"{archive}: refusing member {m.name!r}: {reason}")
-                # the "data" filter repeats these checks inside tarfile where this Python has it (3.10.12+)
-                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tf.extractall(tmp, members=members, **kwargs)
+    with atomic_path(dest, is_dir=True) as tmp, _reading(archive):
+        budget = _Budget(archive, tmp, max_ratio, min_free_gb)
+        (_extract_zip if zipfile.is_zipfile(archive) else _extract_tar)(archive, tmp, budget)
     return dest
 
 

@@ -28,7 +28,7 @@ from models import MODEL_NAMES, MODEL_PRESETS
 from pipeline.errors import MelsearchError
 from pipeline.index import IndexConfig
 from pipeline.mel import PRESETS, MelConfig
-from pipeline.sources import GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
+from pipeline.sources import EXTRACT_MAX_RATIO, EXTRACT_MIN_FREE_GB, GTZAN_MD5, GTZAN_MIRRORS, GTZAN_SHA256
 from pipeline.train_config import TrainConfig, parse_memory_gb
 
 # Windows per track in library runs: 10 windows of 3 s over a 30 s input, one training crop (crop_s) each,
@@ -59,6 +59,10 @@ class dataset(luigi.Config):  # noqa: N801 (Luigi names a Config's section after
     gtzan_urls = luigi.ListParameter(default=list(GTZAN_MIRRORS))
     gtzan_sha256 = luigi.ListParameter(default=list(GTZAN_SHA256))
     gtzan_md5 = luigi.ListParameter(default=list(GTZAN_MD5))
+    extract_max_ratio = luigi.FloatParameter(default=EXTRACT_MAX_RATIO, description="an --archive's files may total "
+                                             "at most this many times its size")
+    extract_min_free_gb = luigi.FloatParameter(default=EXTRACT_MIN_FREE_GB, description="and must leave this many "
+                                               "GB free on the work directory's disk")
 
 
 features = _section("features", MelConfig, {

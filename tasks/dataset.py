@@ -47,7 +47,8 @@ class Dataset(StageTask):
             archive = self.archive or self.input()[0].path
             extracted = self.stage_dir / "audio"
             if not extracted.is_dir():
-                extract_archive(archive, extracted)
+                extract_archive(archive, extracted, max_ratio=cfg.extract_max_ratio,
+                                min_free_gb=cfg.extract_min_free_gb)
             folder = audio_root(extracted)
         figures = build_manifest(folder, self.artifact, split=cfg.split, seed=cfg.split_seed,
                                  probe_cache=self.layout.probe_cache)

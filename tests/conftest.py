@@ -7,6 +7,7 @@ import os
 import shutil
 import tarfile
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -85,6 +86,45 @@ def make_genres_tar(path: Path, genres=("blues", "jazz"), per_genre=2, fmt="au")
                 info.size = buffer.tell()
                 buffer.seek(0)
                 tar.addfile(info, buffer)
+    return path
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in blocks: an archive member that is never held in memory whole."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def make_zero_bomb(path: Path, size: int) -> Path:
+    """A .tar.gz (or .zip) of a few kB per 10 MB: one good-looking song, then ``size`` bytes of zeros as a .wav."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.sin(np.linspace(0, 400, 22050)).astype(np.float32) * 0.3, 22050, format="AU",
+             subtype="PCM_16")
+    good = buffer.getvalue()
+    name = "genres/blues/blues.00001.wav"
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("genres/blues/blues.00000.au", good)
+            with zf.open(name, "w", force_zip64=True) as out:
+                shutil.copyfileobj(io.BufferedReader(_Zeros(size), 1 << 20), out, 1 << 20)
+        return path
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("genres/blues/blues.00000.au")
+        info.size = len(good)
+        tar.addfile(info, io.BytesIO(good))
+        info = tarfile.TarInfo(name)
+        info.size = size
+        tar.addfile(info, io.BufferedReader(_Zeros(size), 1 << 20))
     return path
 
 

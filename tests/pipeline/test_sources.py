@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ArchiveServer, make_genres_tar
+from conftest import ArchiveServer, make_genres_tar, make_zero_bomb
 
 from pipeline.errors import MelsearchError
 from pipeline.sources import audio_root, download_with_resume, extract_archive, fetch_gtzan
@@ -112,3 +112,30 @@ def test_zip_and_plain_tar_and_inside_links(tmp_path):
     with pytest.raises(MelsearchError, match="not a readable tar or zip"):
         extract_archive(zpath.with_name("x.tar.gz").write_bytes(b"garbage") and zpath.with_name("x.tar.gz"),
                         tmp_path / "g")
+
+
+@pytest.mark.parametrize("name", ["bomb.tar.gz", "bomb.zip"])
+def test_an_archive_expanding_past_its_budget_is_refused_and_leaves_nothing(tmp_path, name):
+    bomb = make_zero_bomb(tmp_path / name, 100_000_000)  # 100 MB of zeros in under 0.5 MB
+    with pytest.raises(MelsearchError, match=r"refusing to extract: it expands past .*4x the archive's .*"
+                                             r"\[dataset\] extract_max_ratio\)$"):
+        extract_archive(bomb, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary folder, nothing extracted
+    assert (extract_archive(bomb, tmp_path / "out", max_ratio=1000) / "genres" / "blues" / "blues.00001.wav"
+            ).stat().st_size == 100_000_000
+
+
+def test_extraction_leaves_the_free_disk_it_is_told_to(tmp_path):
+    archive = make_genres_tar(tmp_path / "genres.tar.gz")
+    with pytest.raises(MelsearchError, match=r"leave less than 1e\+09 GB free .*\[dataset\] extract_min_free_gb"):
+        extract_archive(archive, tmp_path / "out", min_free_gb=1e9)
+    assert [p.name for p in tmp_path.iterdir()] == ["genres.tar.gz"]
+
+
+def test_the_bytes_written_are_counted_whatever_the_archive_declares(tmp_path, monkeypatch):
+    archive = make_genres_tar(tmp_path / "genres.tar.gz")
+    # a member whose data runs on past the size its header declares
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, member: io.BytesIO(bytes(10_000_000)))
+    with pytest.raises(MelsearchError, match="refusing to extract: it expands past"):
+        extract_archive(archive, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["genres.tar.gz"]

@@ -4,11 +4,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
-from conftest import ArchiveServer, add_broken_files, make_genres_tar
+from conftest import ArchiveServer, add_broken_files, make_genres_tar, make_zero_bomb
 from helpers import ROOT, melsearch, snapshot, status
 
 
@@ -96,3 +97,21 @@ def test_plain_luigi_command_reads_luigi_cfg_and_exits_non_zero_on_failure(synth
     assert "UnconsumedParameterWarning" not in failed.stderr + ok.stderr
     rows = pq.read_table(next((tmp_path / "w").glob("dataset/*/manifest.parquet"))).to_pylist()
     assert {r["split"] for r in rows} == {"train", "valid", "test"} and len(rows) == 24
+
+
+def test_an_archive_bomb_is_one_line_and_leaves_the_work_directory_small(tmp_path):
+    bomb = make_zero_bomb(tmp_path / "bomb.tar.gz", 200_000_000)
+    workdir = tmp_path / "work"
+    refused = melsearch("run", "--stage", "dataset", "--archive", str(bomb), "--workdir", str(workdir), check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if "refusing" in line]
+    assert len(lines) == 1 and re.fullmatch(rf"ERROR luigi-interface: {re.escape(str(bomb))}: refusing to extract: "
+                                            r"it expands past [\d.]+ [kM]B \(4x the archive's [\d.]+ [kM]B; "
+                                            r"\[dataset\] extract_max_ratio\)", lines[0]), lines
+    assert sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file()) < 1_000_000
+    # the other limit, set on the command line
+    archive = make_genres_tar(tmp_path / "genres.tar.gz")
+    full = melsearch("run", "--stage", "dataset", "--archive", str(archive), "--workdir", str(workdir),
+                     "--dataset-extract-min-free-gb", "1000000", check=False)
+    assert full.returncode == 1 and "[dataset] extract_min_free_gb" in full.stderr and "Traceback" not in full.stderr
+    assert not list(workdir.glob("dataset/*/*audio*"))
