@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from models import MODEL_NAMES
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
 from pipeline.layout import STAGES
@@ -67,14 +68,21 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--library", default="", type=os.path.expanduser,
                         help="a folder of music to index (labels optional) with the models trained on the source; "
                              "alone, musicnn's pretrained backbone indexes it untrained")
-    parser.add_argument("--model", default=None, help="cifar10, resnet_v2 or all (default: luigi.cfg [train] model)")
-    parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None)
+    parser.add_argument("--model", default=None,
+                        help=f"{', '.join(MODEL_NAMES)} or all (default: luigi.cfg [train] model, cifar10); "
+                             "musicnn is pretrained: with --library alone it needs no labelled music")
+    parser.add_argument("--split", choices=["auto", "gtzan", "random", "hash"], default=None,
+                        help="how labelled tracks split into train/valid/test: gtzan (the artist-filtered lists), "
+                             "random (stratified 80/10/10), hash (stable per track), auto (gtzan for GTZAN's "
+                             "layout, else hash; the default)")
     parser.add_argument("--gtzan-url", action="append", help="mirror to download GTZAN from (repeatable)")
     parser.add_argument("--gtzan-sha256", action="append", help="accepted sha256 of that archive (repeatable)")
     parser.add_argument("--preset", choices=["default", "choi", "musicnn"], default=None,
                         help="log-mel settings (the musicnn model needs musicnn's: chosen for it when unset)")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: luigi.cfg [train] epochs, else 30)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                        help="where training and embedding run (default auto: the GPU when there is one)")
     parser.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",
                         help="any stage setting, e.g. --set features.n_mels=96 (repeatable); also written "
                              "--features-n-mels 96. Sections: dataset, features, train, index (see README)")
@@ -208,16 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="per stage: done or not, outputs, figures", parents=[common])
     _source_args(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print JSON (every figure) instead of a table")
     status.set_defaults(func=cmd_status)
 
     synth = commands.add_parser("synth", help="write a labelled folder of synthetic clips", parents=[common])
-    synth.add_argument("out_dir")
-    synth.add_argument("--per-class", type=int, default=20)
-    synth.add_argument("--seconds", type=float, default=10.0)
-    synth.add_argument("--classes", type=int, default=6)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--format", default="wav", choices=["wav", "flac", "ogg", "mp3"])
+    synth.add_argument("out_dir", help="folder to write <class>/<class>.NNNNN.<format> into")
+    synth.add_argument("--per-class", type=int, default=20, help="clips per class (default: 20)")
+    synth.add_argument("--seconds", type=float, default=10.0, help="length of each clip (default: 10)")
+    synth.add_argument("--classes", type=int, default=6, help="how many classes, up to 6 (default: 6)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same clips")
+    synth.add_argument("--format", default="wav", choices=["wav", "flac", "ogg", "mp3"], help="audio format")
     synth.set_defaults(func=cmd_synth)
 
     for name, func, text in (("predict", cmd_predict, "genre and top-3 probabilities per audio file"),
@@ -229,23 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("file", metavar="FILE")
             command.add_argument("--out", help="write the vector to this .npy file, or DIR/<song>.npy for a folder "
                                  "(missing folders are made)")
-        command.add_argument("--workdir", default="data/work")
+        command.add_argument("--workdir", default="data/work", help="work directory (default: data/work)")
         command.add_argument("--model", default=None,
                              help="which trained model (default: the latest run's, else the newest)")
         command.add_argument("--model-dir", default=None, help="an explicit train/<model>-<key> folder")
-        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        command.add_argument("--json", action="store_true")
+        command.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
         command.set_defaults(func=func)
 
     # listed for --help only: main() hands these to their modules' own parsers
     commands.add_parser("query", help="songs that sound like FILE or --track ID (python -m pipeline.query --help)")
+    commands.add_parser("tracks", help="the index's track ids, labels and files, filtered by TEXT")
     commands.add_parser("recommend", help="songs to play after a listening history (--history ID,ID,...)")
     commands.add_parser("serve", help="a web page to search and listen, on 127.0.0.1 (melsearch serve --help)")
 
     scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1", parents=[common])
-    scheduler.add_argument("action", choices=["start", "stop", "status"])
-    scheduler.add_argument("--workdir", default="data/work")
-    scheduler.add_argument("--port", type=int, default=8082)
+    scheduler.add_argument("action", choices=["start", "stop", "status"], help="what to do with luigid")
+    scheduler.add_argument("--workdir", default="data/work",
+                           help="its pid file, logs and state go in WORKDIR/scheduler (default: data/work)")
+    scheduler.add_argument("--port", type=int, default=8082, help="port on 127.0.0.1 (default: 8082)")
     scheduler.set_defaults(func=cmd_scheduler)
     return parser
 
@@ -260,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.query_cli import main as query_main
 
         return query_main(argv[1:])
+    if argv[:1] == ["tracks"]:
+        from pipeline.query_cli import tracks_main
+
+        return tracks_main(argv[1:])
     if argv[:1] == ["recommend"]:
         from pipeline.query_cli import recommend_main
 

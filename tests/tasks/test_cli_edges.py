@@ -87,3 +87,15 @@ def test_scheduler_stop_with_a_stale_pid_file_leaves_that_process_alone(tmp_path
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_help_names_every_model_and_the_command_users_type():
+    from models import MODEL_NAMES
+
+    run_help = melsearch("run", "--help").stdout
+    assert all(name in run_help for name in MODEL_NAMES) and "musicnn" in run_help
+    for option in ("--split", "--epochs", "--device", "--quiet"):
+        text = run_help.split(option, 1)[1].split("\n  -", 1)[0]
+        assert len(text.split()) > 3, f"{option} has no help text"
+    assert melsearch("query", "--help").stdout.startswith("usage: melsearch query")
+    assert melsearch("tracks", "--help").stdout.startswith("usage: melsearch tracks")

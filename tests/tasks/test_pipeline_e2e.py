@@ -77,6 +77,19 @@ def test_status_without_source_flags_reports_the_latest_run(built, tmp_path):
     assert not any(report[stage]["done"] for stage in STAGE_DIRS)
 
 
+def test_tracks_lists_the_ids_query_takes(built, synth_dir):
+    listed = melsearch("tracks", "--workdir", str(built)).stdout.splitlines()
+    assert listed[0].split() == ["track_id", "label", "path"] and len(listed) == 1 + 24
+    first = listed[1].split()
+    assert first[2] == str(synth_dir / first[0]) and first[0].startswith(f"{first[1]}/")  # a folder: relative paths
+    answer = json.loads(melsearch("query", "--workdir", str(built), "--track", first[0], "--json", "--top-k",
+                                  "3").stdout)
+    assert len(answer) == 3 and first[0] not in [row["track_id"] for row in answer]
+    label = first[1]
+    found = json.loads(melsearch("tracks", label.upper(), "--workdir", str(built), "--json", "--limit", "2").stdout)
+    assert [row["track_id"] for row in found] == [f"{label}/{label}.00000.wav", f"{label}/{label}.00001.wav"]
+
+
 def test_rerun_index_then_train_recompute_only_downstream(built, synth_dir):
     args = ("run", "--audio-dir", str(synth_dir), "--workdir", str(built), *FAST)
     before = snapshot(built)
