@@ -10,7 +10,7 @@
 
 Vectors are unit-norm, so Annoy's angular distance ``sqrt(2 - 2 cos)`` equals their Euclidean distance
 and the exact search here is a matrix product. Songs added later with ``MusicSearch.index_audio`` live
-in a side table beside the index folders (:func:`pipeline.layout.added_table_path`); the index stage passes it
+in a side table beside the index folders (:mod:`pipeline.added`); the index stage passes it
 as ``added`` and hashes it into the index's key, so the next run builds a new index that folds them in and they
 survive ``--rerun index``.
 """
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.added import AddedSongs
 from pipeline.embeddings import ROW_COLUMNS, embeddings_metadata, read_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
@@ -298,21 +299,6 @@ def read_ids(index_dir: str | os.PathLike) -> list[dict]:
         raise MelsearchError(f"{path}: unreadable id map ({exc})") from exc
 
 
-def _with_added_songs(rows: list[dict], vectors: np.ndarray, added: Path, meta: dict) -> tuple[list[dict], np.ndarray]:
-    """Append the side table's songs that the embeddings do not already hold (same model only)."""
-    if not added.is_file():
-        return rows, vectors
-    added_meta = embeddings_metadata(added)
-    if added_meta.get("model_key") != meta.get("model_key") or added_meta["dim"] != meta["dim"]:
-        log.warning("%s: added songs of another model (%s), not indexed", added, added_meta.get("model_key"))
-        return rows, vectors
-    extra_rows, extra_vectors = read_embeddings(added)
-    known = {row["track_id"] for row in rows}
-    fresh = [i for i, row in enumerate(extra_rows) if row["track_id"] not in known]
-    log.info("%s: indexing %d added song(s)", added, len(fresh))
-    return rows + [extra_rows[i] for i in fresh], np.concatenate([vectors, extra_vectors[fresh]])
-
-
 def build_annoy_index(
     embeddings_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -351,7 +337,7 @@ def build_annoy_index(
         raise MelsearchError(f"{embeddings_path}: no tracks to index")
     n_embedded = len(rows)
     if added is not None:
-        rows, vectors = _with_added_songs(rows, vectors, Path(added), meta)
+        rows, vectors = AddedSongs(added).fold_into(rows, vectors, meta)
     duplicates = len(rows) - len({row["track_id"] for row in rows})
     if duplicates:
         raise MelsearchError(f"{embeddings_path}: {duplicates} duplicate track id(s)")

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,19 +34,55 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# A temporary path of a writer on another machine (a shared work directory) is taken for a leftover after this long.
+STALE_TMP_S = 24 * 3600
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_alive(host: str, pid: str, mtime: float) -> bool:
+    """Whether the writer a temporary name names (``host``, ``pid``) may still be writing it."""
+    if host != _HOST or not pid.isdigit():
+        return time.time() - mtime < STALE_TMP_S
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove the temporary paths of ``final`` that writers which died (killed runs) left beside it.
+
+    Names are ``.<final name>.<host>-<pid>.<random>.tmp``: several processes may write ``final`` at once (songs
+    added to one side table), so a path whose writer still runs, or may run on another machine, stays.
+    """
+    prefix = f".{final.name}."
+    for stale in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        writer = stale.name[len(prefix):].split(".")[0]
+        host, _, pid = writer.partition("-")
+        try:
+            alive = _writer_alive(host, pid, stale.lstat().st_mtime)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        if not alive:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds.
 
     A crash or an exception leaves ``final`` untouched (absent or as it was) and removes the
-    temporary path, so readers never see a half-written file or folder.
+    temporary path, so readers never see a half-written file or folder. Each writer gets a path of its
+    own, and only dead writers' leftovers are cleaned up, so concurrent writers never disturb each other
+    (the last rename wins).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # one writer per output (Luigi and the work-directory lock see to it): leftovers of a killed run can go
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; an output folder gets the usual permissions

@@ -12,6 +12,7 @@
       embeddings/<model>-<key>/                embeddings.parquet, figures.json
       index/<model>-<key>/                     index.ann, ids.parquet, meta.json, embedding_map.png, figures.json
       index/added-<model folder>.parquet       songs added with MusicSearch.index_audio; part of the next index's key
+      index/added-<model folder>.parquet.lock  held by whoever adds a song (pipeline.added)
       cache/probes.parquet                     the dataset stage's probe of each file, by path, size and mtime
       cache/features-<mel key>/part-*.h5       log-mels of a library's files, by file (pipeline.library)
       cache/embeddings-<model folder>.parquet  a library's vectors by file for one model (pipeline.library)

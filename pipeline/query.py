@@ -3,7 +3,7 @@
 ``MusicSearch.load(workdir_or_index).query(path_or_track_id, top_k=10)`` searches the memory-mapped
 Annoy index (or, with ``exact=True``, every vector by brute force) together with a small side table of
 songs added since the index was built (``index_audio``; Annoy cannot grow). The next index build of the
-same model folds the side table in (see :func:`pipeline.layout.added_table_path`). From a shell::
+same model folds the side table in (see :mod:`pipeline.added`). From a shell::
 
     python -m pipeline.query song.mp3 --workdir data/work --top-k 5
     python -m pipeline.query --track blues.00012 --json
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.added import AddedSongs
 from pipeline.audio import is_audio_path
-from pipeline.embeddings import embeddings_metadata, read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.index import (
     INDEX_FILE,
@@ -35,7 +35,7 @@ from pipeline.index import (
     read_index_meta,
 )
 from pipeline.io import file_sha256
-from pipeline.layout import WorkDir, added_table_path
+from pipeline.layout import WorkDir
 from pipeline.storage import is_remote
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class MusicSearch:
         self._item_of = {row["track_id"]: row["item"] for row in self._items}
         self._exact_vectors: np.ndarray | None = None
         self._classifier: GenreClassifier | None = None
+        self._added = AddedSongs.of_index(index_dir, meta)
         self._added_rows, self._added_vectors = self._read_added()
 
     @classmethod
@@ -138,12 +139,7 @@ class MusicSearch:
 
     def _read_added(self) -> tuple[list[dict], np.ndarray]:
         """Side-table songs that this index does not hold yet: rows, (n, D) float32 unit vectors."""
-        path = added_table_path(self.index_dir, self.meta["model_key"])
-        if not path.is_file():
-            return [], np.zeros((0, self.meta["dim"]), dtype=np.float32)
-        if int(embeddings_metadata(path)["dim"]) != self.meta["dim"]:
-            raise MelsearchError(f"{path}: added songs are not {self.meta['dim']}-d like index {self.index_dir}")
-        rows, vectors = read_embeddings(path)
+        rows, vectors = self._added.read(self.meta["dim"])
         keep = [i for i, row in enumerate(rows) if row["track_id"] not in self._item_of]
         return [rows[i] for i in keep], vectors[keep]
 
@@ -258,8 +254,7 @@ class MusicSearch:
 
         The id is ``added/<file name>`` (with 8 hex digits of its sha256 when that name is taken). A file
         already in the index or the side table (same path) is not added again: its id is returned. The side
-        table (``added-<model_key>.parquet`` beside the index folders) is rewritten atomically; two processes
-        adding at the same moment can lose one of the songs.
+        table (:class:`pipeline.added.AddedSongs`) takes songs from several processes at once and loses none.
         """
         path = Path(path)
         real = os.path.realpath(path)
@@ -268,25 +263,30 @@ class MusicSearch:
                 log.info("%s is already indexed as %s", path, row["track_id"])
                 return row["track_id"]
         vector, predicted = self._embed_file(path)
-        track_id = f"added/{path.name}"
-        if self._vector_of(track_id) is not None:
-            track_id = f"added/{path.stem}-{file_sha256(path)[:8]}{path.suffix}"
-            if self._vector_of(track_id) is not None:
-                return track_id  # the same name and bytes, from another folder
-        row = {"track_id": track_id, "path": str(Path(real)), "label": label, "split": "added",
+        row = {"track_id": f"added/{path.name}", "path": str(Path(real)), "label": label, "split": "added",
                "predicted_label": predicted}
-        table = added_table_path(self.index_dir, self.meta["model_key"])
-        rows, vectors = read_embeddings(table) if table.is_file() else ([], np.zeros((0, self.meta["dim"]), np.float32))
         metadata = {key: self.meta[key] for key in ("model", "model_key", "feature_key")}
-        write_embedding_rows([*rows, row], np.concatenate([vectors, vector[None]]), table, metadata=metadata)
-        self._added_rows, self._added_vectors = self._read_added()
-        log.info("added %s as %s to %s", path, track_id, table)
+        track_id = self._added.add(row, vector, metadata=metadata, taken=set(self._item_of))
+        self._added_rows, self._added_vectors = self._read_added()  # with what other processes added meanwhile
         return track_id
 
     def tracks(self) -> list[dict]:
         """Every searchable song, indexed ones first: ``[{"track_id", "label", "path"}]`` (the id table's values)."""
         return [{"track_id": row["track_id"], "label": row["label"], "path": row["path"]}
                 for row in [*self._items, *self._added_rows]]
+
+    def find_tracks(self, text: str = "", *, limit: int | None = None) -> list[dict]:
+        """The songs of :meth:`tracks` whose id or file name holds ``text`` (any case), at most ``limit``.
+
+        Those whose id or file name starts with it come first, then the others, each in the index's order.
+        """
+        text = text.strip().lower()
+        first, then = [], []
+        for row in self.tracks():
+            track, name = row["track_id"].lower(), Path(row["path"]).name.lower()
+            if text in track or text in name:
+                (first if track.startswith(text) or name.startswith(text) else then).append(row)
+        return (first + then)[:limit]
 
     def recommend(
         self,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import luigi
 
+from pipeline.added import AddedSongs
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
-from pipeline.io import file_sha256, params_key
+from pipeline.io import params_key
 from pipeline.library import write_library_embeddings
 from tasks.base import ModelStageTask
 from tasks.config import index_config, train
@@ -89,7 +90,7 @@ class Index(ModelStageTask):
     @functools.cached_property
     def _added_digest(self) -> str | None:
         """The side table's sha256, read once per task: ``key`` is asked for on every path of the task."""
-        return file_sha256(self.added_table) if self.added_table.is_file() else None
+        return AddedSongs(self.added_table).digest()
 
     @property
     def key(self) -> str:

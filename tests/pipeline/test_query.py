@@ -265,3 +265,53 @@ def test_real_clips_never_return_themselves_and_an_mp3_transcode_works(workdir, 
     sf.write(tmp_path / "clip.mp3", samples, sr, format="MP3", subtype="MPEG_LAYER_III")
     results = search.query(tmp_path / "clip.mp3", top_k=5)
     assert len(results) == 5 and all(r["label"] for r in results)
+
+
+ADDER = """
+import json, sys, time
+from pathlib import Path
+from pipeline.query import MusicSearch
+
+workdir, go, clips = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+search = MusicSearch.load(workdir)
+search.classifier  # loaded before the start, so the three processes add at the same moments
+while not go.exists():
+    time.sleep(0.01)
+print(json.dumps([search.index_audio(clip) for clip in clips]))
+"""
+
+
+def test_three_processes_adding_songs_at_once_lose_none(workdir, tmp_path):
+    """Issue 18 row 6: three scripts add 10 songs each to one finished work directory at the same time."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    work = tmp_path / "work"
+    shutil.copytree(workdir / "index" / "cifar10-tiny", work / "index" / "cifar10-tiny")
+    shutil.copytree(workdir / "train" / "cifar10-tiny", work / "train" / "cifar10-tiny")
+    clips = {}
+    for writer in range(3):  # the same file names in each folder: the side table must tell them apart
+        for i in range(10):
+            path = tmp_path / f"from{writer}" / f"song{i}.wav"
+            path.parent.mkdir(exist_ok=True)
+            sf.write(path, synth_clip(SYNTH_CLASSES[i % 4], seconds=2.0, sr=16000,
+                                      rng=np.random.default_rng(100 * writer + i)), 16000)
+            clips.setdefault(writer, []).append(str(path))
+    go = tmp_path / "go"
+    adders = [subprocess.Popen([sys.executable, "-c", ADDER, str(work), str(go), *clips[writer]], cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for writer in range(3)]
+    go.touch()
+    outcomes = [adder.communicate(timeout=300) for adder in adders]
+    assert [adder.returncode for adder in adders] == [0, 0, 0], [err[-2000:] for _, err in outcomes]
+    added = [track for out, _ in outcomes for track in json.loads(out)]
+    assert len(set(added)) == 30
+
+    search = MusicSearch.load(work)
+    assert {row["track_id"] for row in search.tracks()} >= set(added)
+    for track in added:
+        assert search.query(track, top_k=3)
+    assert not list((work / "index").glob(".*.tmp"))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "query", "--track", added[-1], "--workdir", str(work),
+                           "--json", "--top-k", "2"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 2, done.stderr
