@@ -19,6 +19,7 @@ table names, found by track id; nothing of the request becomes a path.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import os
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import h11
 import soundfile as sf
 import uvicorn
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -38,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.audio import is_audio_path
 from pipeline.errors import MelsearchError
@@ -52,6 +55,7 @@ DEFAULT_PORT = 8000
 MAX_UPLOAD_MB = 50.0
 MAX_K = 100
 MAX_SUGGESTIONS = 50
+KEEP_ALIVE_S = 5  # a connection that sends no whole request for this long is closed
 STATIC_DIR = Path(__file__).parent / "static"
 
 # What browsers call each format; Chromium and Firefox play none of .au/.snd/.aif(f), so those are sent as WAV
@@ -69,8 +73,33 @@ class HTTPError(HTTPException):
     """An answer with a status and a one-line message (sent as ``{"error": message}``)."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status, headers=headers)
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """What of a client's text (a track id, a file name) an error message echoes: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _check_range(header: str, size: int) -> None:
+    """Refuse a ``Range`` header that Starlette's FileResponse would answer in text/plain (RFC 9110 section 14).
+
+    Malformed (not ``bytes=`` and a list of ``first-last``, ``first-`` or ``-suffix``, or first > last): 400.
+    None of it within the file's ``size`` bytes: 416 with ``Content-Range: bytes */size``. Stricter than
+    the RFC, which serves the satisfiable part of a list: a list with any range past the end is refused.
+    """
+    unit, _, ranges = header.partition("=")
+    specs = [spec.strip() for spec in ranges.split(",")]
+    if unit.strip().lower() != "bytes" or not all(re.fullmatch(r"\d+-\d*|-\d+", spec) for spec in specs):
+        raise HTTPError(400, f"Range: {_shown(header)!r} is not bytes=FIRST-LAST, FIRST- or -SUFFIX")
+    for spec in specs:
+        first, last = spec.split("-")
+        if first and last and int(first) > int(last):
+            raise HTTPError(400, f"Range: {spec} ends before it starts")
+        if (int(first) >= size) if first else (int(last) == 0 or size == 0):
+            raise HTTPError(416, f"Range: {spec} is past the end of the file ({size} bytes)",
+                            headers={"Content-Range": f"bytes */{size}"})
 
 
 class UploadLimit:
@@ -219,7 +248,7 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -245,7 +274,7 @@ def create_app(
         if not track:
             raise HTTPError(400, "give a track id (?track=ID) or POST an audio file")
         if track not in files.by_id:
-            raise HTTPError(404, f"{track}: unknown track id")
+            raise HTTPError(404, f"{_shown(track)}: unknown track id")
         return _results(search.query_track(track, top_k=k))
 
     @app.post("/api/query")
@@ -260,13 +289,13 @@ def create_app(
             with path.open("wb") as out:
                 shutil.copyfileobj(file.file, out, length=2**20)
             if path.stat().st_size == 0:
-                raise HTTPError(400, f"{name}: empty file")
+                raise HTTPError(400, f"{_shown(name)}: empty file")
             try:
                 with model_lock:
                     hits = search.query_file(path, top_k=k)
             except MelsearchError as exc:
                 # the message names the temporary file: say the client's name instead
-                raise HTTPError(400, f"{name}: {str(exc).replace(str(path), '').lstrip(': ')}") from exc
+                raise HTTPError(400, f"{_shown(name)}: {str(exc).replace(str(path), '').lstrip(': ')}") from exc
         log.info("upload %s (%d bytes): %d results", name, file.size or 0, len(hits))
         return _results(hits)
 
@@ -279,7 +308,7 @@ def create_app(
             raise HTTPError(400, f"rule: one of {', '.join(RECOMMEND_RULES)}")
         unknown = [track for track in songs if track not in files.by_id]
         if unknown:
-            raise HTTPError(404, f"{', '.join(unknown[:3])}: unknown track id")
+            raise HTTPError(404, f"{', '.join(_shown(track) for track in unknown[:3])}: unknown track id")
         return _results(search.recommend(songs, top_k=k, rule=rule))
 
     @app.get("/api/tracks")
@@ -314,15 +343,57 @@ def create_app(
         where = FIGURES.get(name)
         path = (search.index_dir if where == "index" else search.model_dir) / name if where else None
         if path is None or not path.is_file():
-            raise HTTPError(404, f"no figure {name!r}")
+            raise HTTPError(404, f"no figure {_shown(name)!r}")
         return FileResponse(path, media_type="image/png")
 
     @app.get("/audio")
-    def audio(track: str | None = None) -> Response:
+    def audio(request: Request, track: str | None = None) -> Response:
         path, media_type = files.path_of(track)
+        if "range" in request.headers:
+            _check_range(request.headers["range"], path.stat().st_size)
         return FileResponse(path, media_type=media_type)  # answers Range with 206 (Starlette >= 0.39)
 
     return app
+
+
+class _RequestDeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1, closing a connection that has not sent a whole request head ``timeout_keep_alive``
+    seconds after it opened or after its last response.
+
+    uvicorn arms its keep-alive timer only after a response and disarms it at the first byte received, so a
+    client that connects and sends nothing, or half a request, would hold its connection forever.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        self._deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.timeout_keep_alive, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.conn.their_state is h11.IDLE:  # h11 stays IDLE until a whole request head has arrived
+            self.timeout_keep_alive_handler()
+
+
+def server_config(app: FastAPI, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+                  keep_alive_s: int = KEEP_ALIVE_S) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: HTTP/1.1 whose idle connections close after ``keep_alive_s`` seconds."""
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_RequestDeadlineH11,
+                          timeout_keep_alive=keep_alive_s)
 
 
 def serve(
@@ -350,7 +421,7 @@ def serve(
     if not _is_loopback(host):
         log.warning("listening on %s: anyone who can reach this machine can search and play the collection", host)
     log.info("serving %s (%d songs) on http://%s:%d/", search.index_dir, len(search), host, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(server_config(app, host=host, port=port, log_level=log_level)).run()
 
 
 def _is_loopback(host: str) -> bool:

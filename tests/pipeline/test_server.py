@@ -11,12 +11,14 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import uvicorn
 from fastapi.testclient import TestClient
 from test_query import new_song, workdir  # noqa: F401 (fixtures: the tiny index, a drone clip not in it)
 
@@ -24,7 +26,7 @@ from pipeline.errors import MelsearchError
 from pipeline.index import read_ids
 from pipeline.query import MusicSearch
 from pipeline.query_cli import recommend_main
-from pipeline.server import HTTPError, _AudioFiles, create_app
+from pipeline.server import HTTPError, _AudioFiles, create_app, server_config
 from pipeline.server import main as server_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,6 +212,55 @@ def test_audio_serves_the_indexed_file_with_range(client, items):
     loose = next(t for t in items if t.endswith(".flac"))
     flac = client.get("/audio", params={"track": loose}, headers={"Range": "bytes=0-9"})
     assert flac.status_code == 206 and flac.headers["content-type"] == "audio/flac" and flac.content[:4] == b"fLaC"
+
+
+def test_range_errors_are_json(client, items):
+    track = "buzz/buzz.00002.wav"
+    size = Path(items[track]["path"]).stat().st_size
+    for header in ("bytes=5-2", "abc", "items=0-5", "bytes=x-9", "bytes=", "bytes=1-2,z"):
+        assert "Range" in one_line_error(client.get("/audio", params={"track": track}, headers={"Range": header}), 400)
+    for header in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=-0", f"bytes=0-9,{size}-"):
+        response = client.get("/audio", params={"track": track}, headers={"Range": header})
+        assert "past the end" in one_line_error(response, 416)
+        assert response.headers["content-range"] == f"bytes */{size}"
+    two = client.get("/audio", params={"track": track}, headers={"Range": "bytes=0-9, 20-29"})
+    assert two.status_code == 206 and two.headers["content-type"].startswith("multipart/byteranges")
+
+
+def test_an_unknown_id_is_echoed_at_most_100_characters(client):
+    long_id = "x" * 30_000  # under the test client's URL limit, for two of them in a history
+    for response in (client.get("/api/query", params={"track": long_id}),
+                     client.get("/api/recommend", params={"history": f"{long_id},{long_id}"}),
+                     client.get(f"/figures/{long_id}"),
+                     client.get("/audio", params={"track": long_id})):
+        message = one_line_error(response, response.status_code)
+        assert response.status_code in (400, 404) and len(message) < 300 and "x" * 101 not in message
+    upload = client.post("/api/query", files={"file": (long_id + ".wav", b"")})
+    assert "x" * 101 not in one_line_error(upload, 400)
+
+
+def test_idle_connections_are_closed(search):
+    server = uvicorn.Server(server_config(create_app(search), port=free_port(), log_level="warning", keep_alive_s=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        request = b"GET /api/model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        # sends nothing; half a request head; a whole request, then nothing more on the kept-alive connection
+        for sent in (b"", request[:30], request):
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+                connection.sendall(sent)
+                received = b""
+                while chunk := connection.recv(65536):  # b"": the server closed it (a timeout raises instead)
+                    received += chunk
+                assert received.startswith(b"HTTP/1.1 200") == (sent == request), received[:100]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_formats_browsers_cannot_play_are_sent_as_wav(tmp_path):
