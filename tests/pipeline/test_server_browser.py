@@ -155,3 +155,52 @@ def test_opening_a_track_url_shows_its_neighbours(browser, base_url):
     browser.get(base_url + "/?track=chime%2Fchime.00003.wav")
     wait(browser, lambda d: "chime/chime.00003.wav" in title(d) and len(result_ids(d)) == 6, "no results")
     assert "chime/chime.00003.wav" not in result_ids(browser)
+
+
+def test_the_page_fits_a_phone(browser, base_url, workdir):  # noqa: F811 (the imported fixture)
+    """390x844, as an iPhone 12-15: no sideways scroll, names readable, players and every button on screen."""
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        browser.get(base_url + "/?track=chime%2Fchime.00003.wav")
+        wait(browser, lambda d: len(result_ids(d)) == 6, "no results on the phone")
+        wait(browser, lambda d: "e.g. " in d.find_element(By.ID, "q").get_attribute("placeholder"), "no example id")
+        example = browser.find_element(By.ID, "q").get_attribute("placeholder").split("e.g. ")[1]
+        layout = browser.execute_script("""
+            const box = (e) => e.getBoundingClientRect();
+            return {
+              scroll: document.documentElement.scrollWidth, inner: window.innerWidth,
+              players: document.querySelectorAll('#results audio').length,
+              names: [...document.querySelectorAll('#results .track')].map((e) => [box(e).width, box(e).height]),
+              lineHeight: parseFloat(getComputedStyle(document.querySelector('#results .track')).lineHeight) || 20,
+              buttons: [...document.querySelectorAll('button')].filter((b) => b.offsetParent !== null)
+                .map((b) => [b.textContent, box(b).left, box(b).right]),
+              similarity: document.querySelector('#results .similarity').textContent,
+            };""")
+        keep = os.environ.get("MELSEARCH_PHONE_SCREENSHOT")
+        if keep:
+            browser.save_screenshot(keep)
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert layout["inner"] == 390 and layout["scroll"] <= 390, layout
+    assert layout["players"] == 6
+    # a name is at least a third of the screen wide and at most two lines tall: never one letter per line
+    assert all(width > 130 and height <= 2.5 * layout["lineHeight"] for width, height in layout["names"]), layout
+    assert all(0 <= left and right <= 390 for _, left, right in layout["buttons"]), layout["buttons"]
+    assert {"Search", "More like this", "Recommend", "Clear"} <= {text for text, _, _ in layout["buttons"]}
+    assert layout["similarity"].endswith("% alike")
+    assert example in {row["track_id"] for row in MusicSearch.load(workdir / "index" / "cifar10-tiny").tracks()}
+
+
+def test_picking_a_suggestion_searches_it(browser, base_url):
+    browser.get(base_url + "/")
+    box = browser.find_element(By.ID, "q")
+    box.send_keys("chime.0000")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#suggestions option")) >= 2, "no suggestions")
+    # what the browser does when a datalist option is picked: the value replaced, an input event not of typing
+    browser.execute_script("""
+        const q = document.getElementById('q');
+        q.value = document.querySelector('#suggestions option').value;
+        q.dispatchEvent(new InputEvent('input', {inputType: 'insertReplacementText', bubbles: true}));""")
+    picked = browser.find_element(By.CSS_SELECTOR, "#suggestions option").get_attribute("value")
+    wait(browser, lambda d: picked in title(d) and len(result_ids(d)) == 6, "picking a suggestion did not search")
