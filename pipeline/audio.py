@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from pipeline.errors import MelsearchError
+from pipeline.errors import MelsearchError, UndecodableAudioError
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"^Error opening .*?: ", "", line)
 
 
-def _undecodable(path: Path, first: BaseException, fallback: BaseException) -> MelsearchError:
+def _undecodable(path: Path, first: BaseException, fallback: BaseException) -> UndecodableAudioError:
     reasons = f"{_first_line(first)}; fallback decoder: {_first_line(fallback)}"
-    return MelsearchError(f"{path}: not decodable audio ({reasons})")
+    return UndecodableAudioError(f"{path}: not decodable audio ({reasons})")
 
 
 def _declared_data_bytes(path: Path) -> int | None:

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.audio import is_audio_path
-from pipeline.errors import MelsearchError
+from pipeline.errors import MelsearchError, UndecodableAudioError
 from pipeline.index import MAP_FILE
 from pipeline.layout import WorkDir
 from pipeline.query import RECOMMEND_RULES, MusicSearch
@@ -293,6 +293,9 @@ def create_app(
             try:
                 with model_lock:
                     hits = search.query_file(path, top_k=k)
+            except UndecodableAudioError as exc:  # its reasons ("not a regular file (possibly a pipe?)") mislead here
+                log.info("upload %s: %s", name, exc)
+                raise HTTPError(400, f"{_shown(name)}: not an audio file this server can decode") from exc
             except MelsearchError as exc:
                 # the message names the temporary file: say the client's name instead
                 raise HTTPError(400, f"{_shown(name)}: {str(exc).replace(str(path), '').lstrip(': ')}") from exc
@@ -313,15 +316,7 @@ def create_app(
 
     @app.get("/api/tracks")
     def tracks(q: str = "", limit: int = Query(20, ge=1, le=MAX_SUGGESTIONS)) -> list[dict]:  # noqa: B008
-        text = q.strip().lower()
-        first, then = [], []
-        for track in ids:
-            row = files.by_id[track]
-            name = Path(row["path"]).name.lower()
-            if text in track.lower() or text in name:
-                # ids and file names that start with the text come first, then the index's order
-                (first if track.lower().startswith(text) or name.startswith(text) else then).append(row)
-        return [{"track_id": row["track_id"], "label": row["label"]} for row in (first + then)[:limit]]
+        return [{"track_id": row["track_id"], "label": row["label"]} for row in search.find_tracks(q, limit=limit)]
 
     @app.get("/api/model")
     def model() -> dict[str, Any]:

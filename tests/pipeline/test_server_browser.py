@@ -142,7 +142,8 @@ def test_search_upload_play_more_like_this_and_recommend(browser, base_url, new_
     (tmp_path / "notes.wav").write_text("not audio " * 100)
     before = result_ids(browser)
     browser.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.wav"))
-    wait(browser, lambda d: "not decodable" in d.find_element(By.ID, "error").text, "no error for a bad upload")
+    refused = "notes.wav: not an audio file this server can decode"
+    wait(browser, lambda d: d.find_element(By.ID, "error").text == refused, "no error for a bad upload")
     assert result_ids(browser) == before
 
     # the bad upload's 400 is logged as a failed load: expected
