@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -14,6 +15,26 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import DiskFullError
+
+# torch.save to a full disk says "basic_ios::clear" or "unexpected pos", np.save "N requested and M written", with
+# no errno: a write that failed on a file system left with less than this is taken for a full disk
+_FULL_BELOW = 16 * 2**20
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` means a full disk: errno ENOSPC or EDQUOT, or an OSError or RuntimeError on ``path``'s
+    file system when that has under 16 MB free (a writer that gives no errno)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    if "No space left on device" in str(exc):
+        return True
+    try:
+        return path is not None and shutil.disk_usage(path).free < _FULL_BELOW
+    except OSError:
+        return False
 
 
 def params_key(params: Any, length: int = 10) -> str:
@@ -92,6 +113,10 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
         if is_dir and final.exists():
             shutil.rmtree(final)
         os.replace(target, final)
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc, tmp):
+            raise DiskFullError(f"no space left on device writing {final}; free some space and run again") from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

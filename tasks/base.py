@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import luigi
 
 from pipeline.dataset import folder_fingerprint
-from pipeline.io import params_key
+from pipeline.errors import DiskFullError
+from pipeline.io import is_disk_full, params_key
 from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, read_figures, write_figures
 from tasks.progress import ProgressLine, task_name
 
@@ -28,6 +30,22 @@ def _source_fingerprint(audio_dir: str, archive: str) -> dict:
     return {"gtzan": "genres.tar.gz"}
 
 
+@contextlib.contextmanager
+def _full_disk_named(task: StageTask) -> Iterator[None]:
+    """A full disk during ``task`` as one line naming its stage and the path (from atomic_path, or its folder);
+    the outputs were written atomically, so running again after freeing space completes the stage."""
+    try:
+        yield
+    except DiskFullError as exc:
+        raise DiskFullError(f"{task.stage}: {exc}") from exc
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or task.stage_dir
+        raise DiskFullError(f"{task.stage}: no space left on device writing under {where}; "
+                            "free some space and run again") from exc
+
+
 def _staged(run: Callable) -> Callable:
     """``run`` between :meth:`StageTask.pull_inputs` and :meth:`StageTask.push_outputs` (no-ops locally).
 
@@ -37,17 +55,19 @@ def _staged(run: Callable) -> Callable:
     if inspect.isgeneratorfunction(run):
         @functools.wraps(run)
         def staged_generator(self: StageTask) -> Any:
-            self.pull_inputs()
-            yield from run(self)
-            self.push_outputs()
+            with _full_disk_named(self):
+                self.pull_inputs()
+                yield from run(self)
+                self.push_outputs()
 
         return staged_generator
 
     @functools.wraps(run)
     def staged(self: StageTask) -> None:
-        self.pull_inputs()
-        run(self)
-        self.push_outputs()
+        with _full_disk_named(self):
+            self.pull_inputs()
+            run(self)
+            self.push_outputs()
 
     return staged
 
