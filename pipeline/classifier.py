@@ -21,6 +21,7 @@ import torch
 from models import build_model
 from pipeline.errors import MelsearchError
 from pipeline.inference import load_checkpoint, resolve_device, standardise, track_outputs
+from pipeline.layout import rerun_hint
 from pipeline.mel import MelConfig, log_mel_for_file
 from pipeline.vectors import l2_normalise
 
@@ -92,12 +93,16 @@ class GenreClassifier:
         mel_config = MelConfig.from_dict(config["mel_config"])
         model = build_model(config["model"], n_classes=len(config["labels"]), n_mels=mel_config.n_mels,
                             **config["model_kwargs"])
-        state = load_checkpoint(weights_path, device="cpu")
+        try:
+            state = load_checkpoint(weights_path, device="cpu")
+        except MelsearchError as exc:
+            raise MelsearchError(f"{exc}{rerun_hint(weights_path)}") from None
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise MelsearchError(f"{weights_path}: weights do not fit the {config['model']} model ({reason})") from None
+            raise MelsearchError(f"{weights_path}: weights do not fit the {config['model']} model ({reason})"
+                                 f"{rerun_hint(weights_path)}") from None
         model = model.to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)

@@ -106,7 +106,7 @@ def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
     for stage in stages:
         for entry in status[stage]["outputs"]:
             brief = headline(entry.get("figures", {}))
-            print(f"{stage:<11} {'done' if entry['done'] else 'missing':<8} {entry['output']}  {brief}")
+            print(f"{stage:<11} {entry['state']:<8} {entry['output']}  {entry.get('problem') or brief}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

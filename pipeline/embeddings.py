@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
+from pipeline.layout import rerun_hint
 from pipeline.manifest import read_manifest
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def _open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
     try:
         handle = pq.ParquetFile(path)
     except Exception as exc:
-        raise MelsearchError(f"{path}: unreadable embeddings file ({exc})") from exc
+        raise MelsearchError(f"{path}: unreadable embeddings file ({exc}){rerun_hint(path)}") from exc
     column = handle.schema_arrow.field("embedding") if "embedding" in handle.schema_arrow.names else None
     if column is None or not pa.types.is_fixed_size_list(column.type):
         raise MelsearchError(f"{path}: not an embeddings file (no fixed-size 'embedding' column)")
@@ -104,7 +105,10 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[dict], np.ndarray]:
     """
     handle = _open_parquet(path)
     dim = handle.schema_arrow.field("embedding").type.list_size
-    table = handle.read()
+    try:
+        table = handle.read()
+    except (OSError, pa.ArrowException) as exc:
+        raise MelsearchError(f"{path}: unreadable embeddings file ({exc}){rerun_hint(path)}") from exc
     # flatten() honours slice offsets, unlike .values
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import MelsearchError
+from pipeline.layout import rerun_hint
 from pipeline.mel import MelConfig
 
 
@@ -22,7 +23,7 @@ def open_features_h5(path: str | os.PathLike) -> h5py.File:
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        raise MelsearchError(f"{path}: unreadable features file ({exc})") from exc
+        raise MelsearchError(f"{path}: unreadable features file ({exc}){rerun_hint(path)}") from exc
     if not {"mel", "track_id", "n_frames"} <= set(h5) or "mel_config" not in h5.attrs:
         h5.close()
         raise MelsearchError(f"{path}: not a features file (needs mel, track_id, n_frames and mel_config)")
@@ -68,8 +69,11 @@ class FeatureStore:
             if mel.is_virtual:
                 for source in mel.virtual_sources():
                     if source.file_name != "." and not (path.parent / source.file_name).is_file():
-                        raise MelsearchError(f"{path}: its shard {source.file_name} is missing")
+                        raise MelsearchError(f"{path}: its shard {source.file_name} is missing{rerun_hint(path)}")
             store = cls(path, h5)
+        except OSError as exc:
+            h5.close()
+            raise MelsearchError(f"{path}: unreadable features file ({exc}){rerun_hint(path)}") from exc
         except BaseException:
             h5.close()
             raise
@@ -110,8 +114,11 @@ class FeatureStore:
             raise MelsearchError(f"{self.path}: one start per position, in 0..{last} for crops of {length} frames")
         mel = self._file()["mel"]
         out = np.empty((positions.size, self.config.n_mels, length), dtype=mel.dtype)
-        for row, (position, start) in enumerate(zip(positions, starts, strict=True)):
-            mel.read_direct(out, source_sel=np.s_[position, :, start : start + length], dest_sel=np.s_[row])
+        try:
+            for row, (position, start) in enumerate(zip(positions, starts, strict=True)):
+                mel.read_direct(out, source_sel=np.s_[position, :, start : start + length], dest_sel=np.s_[row])
+        except OSError as exc:  # a damaged file or shard: HDF5 cannot read the chunk
+            raise MelsearchError(f"{self.path}: unreadable log-mels ({exc}){rerun_hint(self.path)}") from exc
         return out.astype(np.float32, copy=False)
 
     def _file(self) -> h5py.File:

@@ -34,6 +34,7 @@ from pipeline.added import AddedSongs
 from pipeline.embeddings import ROW_COLUMNS, embeddings_metadata, read_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
+from pipeline.layout import rerun_hint
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def load_annoy(path: str | os.PathLike, dim: int) -> annoy.AnnoyIndex:
     try:
         index.load(str(path))
     except OSError as exc:
-        raise MelsearchError(f"{path}: unreadable Annoy index ({exc})") from exc
+        raise MelsearchError(f"{path}: unreadable Annoy index ({exc}){rerun_hint(path)}") from exc
     return index
 
 
@@ -287,7 +288,7 @@ def read_index_meta(index_dir: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise MelsearchError(f"{path}: unreadable index metadata ({exc})") from exc
+        raise MelsearchError(f"{path}: unreadable index metadata ({exc}){rerun_hint(path)}") from exc
 
 
 def read_ids(index_dir: str | os.PathLike) -> list[dict]:
@@ -296,7 +297,7 @@ def read_ids(index_dir: str | os.PathLike) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:
-        raise MelsearchError(f"{path}: unreadable id map ({exc})") from exc
+        raise MelsearchError(f"{path}: unreadable id map ({exc}){rerun_hint(path)}") from exc
 
 
 def build_annoy_index(

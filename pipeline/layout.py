@@ -17,6 +17,7 @@
       cache/features-<mel key>/part-*.h5       log-mels of a library's files, by file (pipeline.library)
       cache/embeddings-<model folder>.parquet  a library's vectors by file for one model (pipeline.library)
       latest-run.json                          the folders the last ``melsearch run`` used, per stage and model
+      .reruns.json                             folders a ``--rerun`` removed and no run has rebuilt yet
       scheduler/                               luigid.pid, logs/, state.pickle
       .lock                                    held by a local-scheduler run
 
@@ -32,10 +33,13 @@ folders are downloaded from the bucket when chosen.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ STAGES = ("dataset", "features", "train", "embeddings", "index")
 PER_MODEL_STAGES = ("train", "embeddings", "index")
 FIGURES_FILE = "figures.json"
 RUN_RECORD = "latest-run.json"
+RERUN_RECORD = ".reruns.json"
 # The file each stage's readers want from its folder (train and index are read as whole folders).
 ARTIFACTS = {"dataset": "manifest.parquet", "features": "features.h5", "train": "", "embeddings": "embeddings.parquet",
              "index": ""}
@@ -57,6 +62,11 @@ ARTIFACTS = {"dataset": "manifest.parquet", "features": "features.h5", "train": 
 WRITTEN_LAST = {**ARTIFACTS, "train": "metrics.json", "index": "meta.json"}
 # What readers of a folder in a bucket do not download: a model's checkpoints serve only to resume training.
 NOT_READ = {"train": ("checkpoints",)}
+# What a stage's figures.json does not vouch for: checkpoints change after it, an extracted archive is the source.
+UNRECORDED = {**NOT_READ, "dataset": ("audio",)}
+# figures.json's key for the files the stage wrote: {path relative to the folder: [bytes, sample digest]}.
+WRITTEN = "written"
+SAMPLE_BYTES = 64 << 10
 
 
 class WorkDir:
@@ -153,6 +163,25 @@ class WorkDir:
             if self.store is not None:
                 self.store.upload(self.run_record)
 
+    @property
+    def rerun_record(self) -> Path:
+        return self.root / RERUN_RECORD
+
+    def reruns(self) -> dict[str, str]:
+        """Outputs a ``--rerun`` removed and no run has rebuilt yet: ``{folder relative to root: rerun stage}``."""
+        try:
+            record = json.loads(self.rerun_record.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def record_reruns(self, pending: dict[str, str]) -> None:
+        """Write :meth:`reruns` (no file when nothing is pending)."""
+        if pending:
+            write_json_atomic(self.rerun_record, pending)
+        else:
+            self.rerun_record.unlink(missing_ok=True)
+
     def read_run_record(self) -> dict[str, dict[str, str]]:
         """``latest-run.json``'s folders, or ``{}`` when there is none (or it is unreadable)."""
         if self.store is not None and not self.store.download(self.run_record):
@@ -206,6 +235,12 @@ class WorkDir:
                            key=lambda path: listing[path].modified)
         if not found:
             what = f"{model} " if model else ""
+            rebuilding = sorted(rerun for folder, rerun in self.reruns().items()
+                                if fnmatch(folder, f"{stage}/{model}-*" if model else f"{stage}/*"))
+            if rebuilding:
+                raise MelsearchError(f"{self.location(self.root / stage)}: the {what}{stage} is being rebuilt by "
+                                     f"`melsearch run --rerun {rebuilding[0]}`, not finished yet (run it again to "
+                                     "finish it)")
             raise MelsearchError(f"{self.location(self.root / stage)}: no finished {what}{stage} here "
                                  "(run the pipeline first)")
         return found[-1].parent, f"the newest finished; no {RUN_RECORD} names one"
@@ -223,14 +258,100 @@ def added_table_path(index_dir: str | os.PathLike, model_folder: str) -> Path:
     return WorkDir(Path(index_dir).parent.parent).added_table(model_folder)
 
 
-def write_figures(folder: str | os.PathLike, figures: dict[str, Any]) -> None:
-    """Record a stage's headline figures in its folder (atomically); this marks the folder finished."""
-    write_json_atomic(WorkDir.figures_path(folder), figures)
+def _sample_digest(path: Path) -> str:
+    """sha256 of a file's size, first and last ``SAMPLE_BYTES`` (the whole file when it is small).
+
+    Cheap for any size (a GTZAN-sized 330 MB features file: 0.12 ms, against 280 ms for its full sha256, warm page
+    cache), and it catches a truncated or overwritten file; a change inside a large file's middle goes unnoticed.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(handle.read(SAMPLE_BYTES))
+        if size > 2 * SAMPLE_BYTES:
+            handle.seek(size - SAMPLE_BYTES)
+        digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _known_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """:func:`_sample_digest` once per file version: Luigi asks ``complete()`` of each task several times a run."""
+    return _sample_digest(Path(path))
+
+
+def _recorded_files(folder: Path, extra: Sequence[Path]) -> Iterator[Path]:
+    """The files a stage's figures.json vouches for: its folder's, but for temporary and ``UNRECORDED`` ones."""
+    skip = UNRECORDED.get(folder.parent.name, ())
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).parts
+        if path.is_file() and relative != (FIGURES_FILE,) and relative[0] not in skip \
+                and not any(part.startswith(".") for part in relative):
+            yield path
+    yield from extra
+
+
+def write_figures(folder: str | os.PathLike, figures: dict[str, Any], *, extra: Sequence[Path] = ()) -> None:
+    """Record a stage's headline figures in its folder (atomically); this marks the folder finished.
+
+    Beside them (key ``WRITTEN``) the size and :func:`_sample_digest` of every file in the folder (and of the files
+    ``extra`` outside it that the outputs point to), which :func:`damaged_outputs` checks.
+    """
+    folder = Path(folder)
+    written = {os.path.relpath(path, folder): [path.stat().st_size, _sample_digest(path)]
+               for path in _recorded_files(folder, extra)}
+    write_json_atomic(WorkDir.figures_path(folder), {**figures, WRITTEN: written})
+
+
+def _raw_figures(folder: str | os.PathLike) -> dict[str, Any]:
+    try:
+        figures = json.loads(WorkDir.figures_path(folder).read_text())
+    except (OSError, ValueError):
+        return {}
+    return figures if isinstance(figures, dict) else {}
 
 
 def read_figures(folder: str | os.PathLike) -> dict[str, Any]:
     """The figures a finished stage recorded, or ``{}`` when it has none."""
-    try:
-        return json.loads(WorkDir.figures_path(folder).read_text())
-    except (OSError, ValueError):
-        return {}
+    return {key: value for key, value in _raw_figures(folder).items() if key != WRITTEN}
+
+
+def damaged_outputs(folder: str | os.PathLike) -> dict[Path, str]:
+    """The files a finished stage wrote that are not as it wrote them: path -> why (missing, size, content).
+
+    Empty for a whole folder, an unfinished one, and one finished before figures.json recorded its files.
+    Costs a ``stat`` per file, and once per file version in a process two 64 KiB reads.
+    """
+    folder = Path(folder)
+    damaged = {}
+    for name, (size, digest) in _raw_figures(folder).get(WRITTEN, {}).items():
+        path = Path(os.path.normpath(folder / name))
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            damaged[path] = f"{path}: {exc.strerror or 'unreadable'}"
+            continue
+        if stat.st_size != size:
+            damaged[path] = f"{path}: {stat.st_size} bytes, {size} when the stage wrote it"
+        else:
+            try:
+                same = _known_digest(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino) == digest
+            except OSError as exc:
+                damaged[path] = f"{path}: {exc.strerror or 'unreadable'}"
+                continue
+            if not same:
+                damaged[path] = f"{path}: changed since the stage wrote it"
+    return damaged
+
+
+def rerun_hint(path: str | os.PathLike) -> str:
+    """``; `melsearch run --rerun STAGE` writes it again`` for a stage folder or a file in one, else "".
+
+    What readers that find a stage output corrupt add to their one-line error.
+    """
+    parts = Path(path).parts
+    for depth in range(len(parts) - 2, -1, -1):
+        if parts[depth] in STAGES:
+            return f"; `melsearch run --rerun {parts[depth]}` writes it again"
+    return ""

@@ -84,7 +84,9 @@ def scan_feature_cache(folder: str | os.PathLike,
                 identities, n_frames = h5["identity"].asstr()[...], h5["n_frames"][...]
                 failed = json.loads(h5.attrs.get("failed", "{}"))
         except (OSError, KeyError, ValueError) as exc:
-            log.warning("%s: unreadable cache part, ignored (%s)", part, exc)
+            # dropped: its files are decoded again into a new part (kept, it would be skipped on every run)
+            log.warning("%s: unreadable cache part, removed; its files are decoded again (%s)", part, exc)
+            part.unlink(missing_ok=True)
             continue
         known.update(failed)
         known.update({identity: (part.name, row, int(frames))
@@ -187,7 +189,10 @@ def read_cached_mels(rows: Sequence[dict], cache_dir: Path, cfg: MelConfig) -> n
                 for position in positions:
                     h5["mel"].read_direct(out, source_sel=np.s_[rows[position]["row"]], dest_sel=np.s_[position])
         except OSError as exc:
-            raise MelsearchError(f"{cache_dir / part}: unreadable feature cache part ({exc})") from exc
+            # the next run finds the part its features stage recorded gone, and decodes those files again
+            (cache_dir / part).unlink(missing_ok=True)
+            raise MelsearchError(f"{cache_dir / part}: unreadable feature cache part ({exc}), removed; run again "
+                                 "to decode its files") from exc
     return out
 
 

@@ -35,7 +35,7 @@ from pipeline.index import (
     read_index_meta,
 )
 from pipeline.io import file_sha256
-from pipeline.layout import WorkDir
+from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
 from pipeline.storage import is_remote
 
 if TYPE_CHECKING:
@@ -61,11 +61,15 @@ class MusicSearch:
         self.chosen_because = "given"  # how load() picked the folder, for the CLI to say
         self.model_dir = model_dir
         self.device = device
+        # Annoy maps a truncated file as it is, and may then read past its end: the sizes figures.json recorded
+        damaged = damaged_outputs(index_dir)
+        if damaged:
+            raise MelsearchError(f"{next(iter(damaged.values()))}{rerun_hint(index_dir)}")
         self._annoy = load_annoy(index_dir / INDEX_FILE, meta["dim"])
         self._items = read_ids(index_dir)
         if self._annoy.get_n_items() != len(self._items):
             raise MelsearchError(f"{index_dir}: {INDEX_FILE} holds {self._annoy.get_n_items()} items, "
-                                 f"the id map {len(self._items)}")
+                                 f"the id map {len(self._items)}{rerun_hint(index_dir)}")
         self._item_of = {row["track_id"]: row["item"] for row in self._items}
         self._exact_vectors: np.ndarray | None = None
         self._classifier: GenreClassifier | None = None

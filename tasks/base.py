@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +16,10 @@ import luigi
 from pipeline.dataset import folder_fingerprint
 from pipeline.errors import DiskFullError
 from pipeline.io import is_disk_full, params_key
-from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, read_figures, write_figures
+from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, damaged_outputs, read_figures, write_figures
 from tasks.progress import ProgressLine, task_name
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,7 +126,7 @@ class StageTask(luigi.Task):
     def complete(self) -> bool:
         store = self.layout.store
         if store is None:
-            return super().complete()
+            return super().complete() and not self.damage()
         # an output named by a path in the mirror (a feature shard, the comparison plot) is done once in the bucket
         return all(store.exists(target.path) if isinstance(target, luigi.LocalTarget) else target.exists()
                    for target in luigi.task.flatten(self.output()))
@@ -132,6 +135,38 @@ class StageTask(luigi.Task):
     def _marks_folder(self) -> bool:
         """Whether the output is the stage folder's figures.json (not files of a subclass's own ``output()``)."""
         return type(self).output is StageTask.output
+
+    def damage(self) -> str:
+        """Why this stage's finished folder cannot be used as it is, or "" (whole, or not finished).
+
+        A file its figures.json recorded that is not as the stage wrote it (:func:`pipeline.layout.damaged_outputs`),
+        or damage in a stage it was built from, which is then built again and this one after it. A local work
+        directory's only: a bucket's objects are checked by the store.
+        """
+        if self.layout.store is not None or not self._marks_folder:
+            return ""
+        damaged = damaged_outputs(self.stage_dir)
+        if damaged:
+            return next(iter(damaged.values()))
+        for task in luigi.task.flatten(self.requires()):
+            upstream = task.damage() if isinstance(task, StageTask) else ""
+            if upstream:
+                return upstream if upstream.startswith("built on") else f"built on a damaged {task.stage} ({upstream})"
+        return ""
+
+    def discard_damaged(self) -> None:
+        """Before ``run()``: a damaged finished folder loses its figures.json and its damaged files.
+
+        So the stage writes them again; what is whole (checkpoints, feature shards, cache parts) serves the rewrite.
+        """
+        reason = self.damage()
+        if not reason:
+            return
+        log.warning("%s: %s; writing it again", self.stage, reason)
+        damaged = damaged_outputs(self.stage_dir)
+        WorkDir.figures_path(self.stage_dir).unlink(missing_ok=True)
+        for path in damaged:
+            path.unlink(missing_ok=True)
 
     def pull(self) -> None:
         """Download this task's outputs from the bucket into the mirror: its folder, or its output files."""
@@ -150,6 +185,7 @@ class StageTask(luigi.Task):
         That is what other workers left there (feature shards). A copy that this machine finished once but the
         bucket no longer holds (a ``--rerun`` elsewhere removed it) is stale: it goes first.
         """
+        self.discard_damaged()
         store = self.layout.store
         if store is None:
             return
@@ -179,9 +215,14 @@ class StageTask(luigi.Task):
             self.layout.store.download(WorkDir.figures_path(self.stage_dir))
         return read_figures(self.stage_dir)
 
+    def written_elsewhere(self) -> list[Path]:
+        """Files outside the stage folder that its outputs point to, recorded (and checked) with the folder's."""
+        return []
+
     def finish(self, figures: dict[str, Any]) -> None:
-        """Record the stage's headline figures: the last write, which marks the folder finished."""
-        write_figures(self.stage_dir, figures)
+        """Record the stage's headline figures and its files' sizes and digests: the last write, which marks the
+        folder finished."""
+        write_figures(self.stage_dir, figures, extra=self.written_elsewhere())
 
     progress_unit = "parts"  # what report()'s done and total count ("": no terminal line, the stage logs its own)
 

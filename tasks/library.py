@@ -7,7 +7,7 @@ from pathlib import Path
 import luigi
 
 from pipeline.io import params_key
-from pipeline.library import TRACKS_FILE, write_library_features
+from pipeline.library import TRACKS_FILE, read_library_tracks, write_library_features
 from pipeline.manifest import read_manifest
 from pipeline.parallel import shutdown_shared_pool
 from tasks.config import features, features_preset
@@ -60,6 +60,11 @@ class LibraryFeatures(FeaturesBase):
         if self.layout.store is not None:  # the new parts before the tracks file that points to them
             self.layout.store.upload_folder(self.cache_dir)
         super().push_outputs()
+
+    def written_elsewhere(self) -> list[Path]:
+        """The cache parts tracks.parquet points to: a damaged one is dropped, and its files decoded again."""
+        rows, _, cache = read_library_tracks(self.artifact)
+        return sorted({cache / row["part"] for row in rows})
 
     def run(self) -> None:
         rows = read_manifest(library_dataset(self).artifact, status="ok")

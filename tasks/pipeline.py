@@ -15,7 +15,7 @@ import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.errors import MelsearchError
-from pipeline.layout import FIGURES_FILE, PER_MODEL_STAGES, STAGES, WorkDir, read_figures
+from pipeline.layout import FIGURES_FILE, PER_MODEL_STAGES, STAGES, WorkDir, damaged_outputs, read_figures
 from tasks.base import StageTask
 from tasks.dataset import Dataset
 from tasks.features import Features, features_for
@@ -146,7 +146,9 @@ def run_pipeline(
 ) -> luigi.Task:
     """Run the pipeline up to ``stage``; return the wrapper task. Raises MelsearchError when any task failed.
 
-    ``rerun`` removes that stage's current outputs and every downstream stage's first. Without
+    ``rerun`` removes that stage's current outputs and every downstream stage's first, but for the folders an
+    earlier rerun removed and did not finish rebuilding (``WorkDir.reruns``): the same rerun again resumes it
+    (training from its last checkpoint) instead of starting over. Without
     ``scheduler_url`` Luigi's local scheduler runs it under a work-directory lock; with it, ``luigid``
     coordinates every worker (possibly on other machines sharing the work directory).
     """
@@ -166,10 +168,17 @@ def run_pipeline(
         if rerun:
             if STAGES.index(rerun) > STAGES.index(stage):
                 raise MelsearchError(f"--rerun {rerun} is downstream of --stage {stage}")
+            layout = WorkDir(workdir)
+            pending = layout.reruns()
             for name in STAGES[STAGES.index(rerun):]:
                 for task in stage_tasks(root)[name]:
+                    if _rerun_key(task) in pending:
+                        log.info("resuming the unfinished rerun of %s in %s", name, task.stage_dir)
+                        continue
                     log.info("removing %s outputs in %s", name, task.stage_dir)
                     clear_outputs(task)
+                    pending[_rerun_key(task)] = rerun
+            layout.record_reruns(pending)
         kwargs = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
         # the caller configures logging (the CLI: one handler, its level); Luigi adds no handler of its own
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
@@ -183,7 +192,16 @@ def run_pipeline(
         outcome = result.status.name.lower().replace("_", " ")
         raise MelsearchError(f"pipeline did not finish ({outcome}); see the errors above")
     _record_run(root)
+    layout = WorkDir(workdir)
+    done = {_rerun_key(task) for tasks in stage_tasks(root).values() for task in tasks}
+    layout.record_reruns({folder: stage for folder, stage in layout.reruns().items() if folder not in done})
     return root
+
+
+def _rerun_key(task: StageTask) -> str:
+    """What ``WorkDir.reruns`` calls a task's output: its folder (or the comparison plot) relative to the root."""
+    output = Path(task.output().path) if isinstance(task, CompareModels) else task.stage_dir
+    return output.relative_to(task.layout.root).as_posix()
 
 
 def _record_run(root: Pipeline) -> None:
@@ -211,7 +229,11 @@ def pipeline_status(
     *, workdir: str, audio_dir: str = "", archive: str = "", library: str = "",
     models: Sequence[str] = ("cifar10",),
 ) -> dict:
-    """Per stage: whether its outputs for these settings exist, their paths and headline figures."""
+    """Per stage: whether its outputs for these settings exist, their paths and headline figures.
+
+    Each output's ``state``: ``done``; ``missing`` (not finished); ``corrupt`` (a file it wrote is not as written,
+    ``problem`` says which) or ``stale`` (built on a corrupt stage): a plain run writes those again.
+    """
     root = Pipeline(workdir=workdir, audio_dir=audio_dir, archive=archive, library=library, stage="index",
                     models=list(models))
     status = {}
@@ -219,8 +241,11 @@ def pipeline_status(
         entries = []
         for task in tasks:
             done = task.complete()
-            entry = {"done": done, "output": task.layout.location(task.output().path if isinstance(task, CompareModels)
-                                                                  else task.artifact)}
+            entry = {"done": done, "state": _state(task, done),
+                     "output": task.layout.location(task.output().path if isinstance(task, CompareModels)
+                                                    else task.artifact)}
+            if entry["state"] in ("corrupt", "stale"):
+                entry["problem"] = task.damage()
             if getattr(task, "model", None):
                 entry["model"] = task.model
             if done and not isinstance(task, CompareModels):
@@ -228,6 +253,14 @@ def pipeline_status(
             entries.append(entry)
         status[stage] = {"done": all(e["done"] for e in entries), "outputs": entries}
     return status
+
+
+def _state(task: StageTask, done: bool) -> str:
+    if done:
+        return "done"
+    if not task.damage():
+        return "missing"
+    return "corrupt" if damaged_outputs(task.stage_dir) else "stale"
 
 
 def recorded_status(workdir: str, models: Sequence[str] | None = None) -> dict | None:
@@ -247,7 +280,11 @@ def recorded_status(workdir: str, models: Sequence[str] | None = None) -> dict |
             if layout.store is not None:
                 layout.store.download(WorkDir.figures_path(path))
             figures = read_figures(path)
-            entry = {"done": bool(figures), "output": layout.location(WorkDir.artifact(stage, path))}
+            damaged = damaged_outputs(path) if layout.store is None else {}
+            entry = {"done": bool(figures) and not damaged, "state": "corrupt" if damaged else "done" if figures
+                     else "missing", "output": layout.location(WorkDir.artifact(stage, path))}
+            if damaged:
+                entry["problem"] = next(iter(damaged.values()))
             if stage in PER_MODEL_STAGES:
                 entry["model"] = name
             elif name:

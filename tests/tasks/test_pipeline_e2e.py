@@ -119,11 +119,14 @@ def test_failing_task_exits_non_zero(built, synth_dir, tmp_path):
     workdir = tmp_path / "broken"
     melsearch("run", "--stage", "features", "--audio-dir", str(synth_dir), "--workdir", str(workdir), *FAST)
     merged = next(workdir.glob("features/*/features.h5"))
-    merged.write_bytes(b"not hdf5")  # a damaged upstream output
+    merged.write_bytes(b"not hdf5")  # a damaged upstream output...
+    figures = merged.parent / "figures.json"  # ...of a folder finished before figures.json recorded its files
+    figures.write_text(json.dumps({k: v for k, v in json.loads(figures.read_text()).items() if k != "written"}))
     result = melsearch("run", "--stage", "train", "--audio-dir", str(synth_dir), "--workdir", str(workdir),
                        *FAST, check=False)
     assert result.returncode != 0
     assert "features.h5" in result.stderr and "Traceback" not in result.stderr
+    assert "melsearch run --rerun features" in result.stderr
 
 
 def _run_until(marker: str, workdir: Path, synth_dir: Path, timeout: float = 300) -> None:
