@@ -103,8 +103,13 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
         return AudioInfo(duration_s=samples.shape[-1] / sr, sample_rate=int(sr), channels=channels)
 
 
+def _sound_file(path: Path) -> sf.SoundFile:
+    # as bytes: soundfile encodes a str path strictly, which fails for a name that is not UTF-8 (caf\xe9.wav)
+    return sf.SoundFile(os.fsencode(path))
+
+
 def _probe_soundfile(path: Path) -> AudioInfo:
-    with sf.SoundFile(path) as handle:
+    with _sound_file(path) as handle:
         declared = handle.frames
         decoded = 0
         for block in handle.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):
@@ -144,7 +149,7 @@ def load_audio(path: str | os.PathLike, *, sr: int, max_seconds: float | None = 
     """
     path = Path(path)
     try:
-        with sf.SoundFile(path) as handle:
+        with _sound_file(path) as handle:
             native_sr = handle.samplerate
             total_frames = handle.frames
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * native_sr))
@@ -184,7 +189,7 @@ def load_audio_spread(path: str | os.PathLike, *, sr: int, total_s: float, segme
     if segments < 1:
         raise MelsearchError(f"{path}: segments must be >= 1, got {segments}")
     try:
-        with sf.SoundFile(path) as handle:
+        with _sound_file(path) as handle:
             native_sr, total_frames, seekable = handle.samplerate, handle.frames, handle.seekable()
             needed = int(np.ceil(total_s * native_sr))
             if segments == 1 or total_frames <= needed or not seekable:

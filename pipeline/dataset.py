@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from tqdm import tqdm
 from pipeline.audio import AUDIO_EXTENSIONS, is_audio_path, probe_audio
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
-from pipeline.manifest import write_manifest
+from pipeline.manifest import path_to_text, readable_name, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +32,98 @@ SPLIT_METHODS = ("auto", "gtzan", "random", "hash")
 _GTZAN_NAME = re.compile(r"^(?P<genre>[a-z]+)\.\d{5}$")
 
 
-def list_audio_files(root: str | os.PathLike) -> list[Path]:
-    """Every file under ``root`` (recursively, hidden files skipped) that has an audio extension, sorted.
+@dataclass(frozen=True)
+class AudioListing:
+    """What :func:`scan_audio_folder` found: audio files with their ``os.stat`` (links followed), sorted by path,
+    and the entries that cannot be read as ``(path, reason)``, sorted by path."""
 
-    Files with other extensions are ignored; a text file renamed ``.mp3`` is listed and later rejected.
+    files: list[tuple[Path, os.stat_result]]
+    rejected: list[tuple[Path, str]]
+
+
+def _unfollowable(exc: OSError) -> str:
+    """Why a listed entry cannot be followed (it is a symbolic link: a plain entry just listed can be stat'ed)."""
+    if exc.errno == errno.ENOENT:
+        return "broken symbolic link (its target does not exist)"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot be read ({exc.strerror or exc})"
+
+
+def scan_audio_folder(root: str | os.PathLike) -> AudioListing:
+    """Every file under ``root`` (recursively, hidden entries skipped) that has an audio extension, and every entry
+    that cannot be read, with its reason.
+
+    Symbolic links are followed, to files and folders alike; each folder is listed once (by device and inode), so
+    a link back to a folder above it, or a second way into a folder, is an entry with its reason, never a loop.
+    Entries that cannot be read: a broken or looping link (with an audio extension, or none, as a folder has),
+    an audio file without read permission or that is not a regular file, a folder that cannot be listed (one
+    entry for all it holds). Files with other extensions are ignored; a text file renamed ``.mp3`` is listed and
+    later rejected. Raises MelsearchError when ``root`` itself is not a folder that can be listed.
     """
     root = Path(root)
     if not root.is_dir():
         raise MelsearchError(f"{root}: not a folder of audio")
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(folder) / f for f in files if not f.startswith(".") and is_audio_path(f))
-    return sorted(found)
+    files: list[tuple[Path, os.stat_result]] = []
+    rejected: list[tuple[Path, str]] = []
+    listed: dict[tuple[int, int], Path] = {}
+
+    def shown(folder: Path) -> str:
+        return folder.relative_to(root).as_posix() if folder != root else "the top folder"
+
+    def visit(folder: Path, info: os.stat_result) -> None:
+        listed[(info.st_dev, info.st_ino)] = folder
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            if folder == root:
+                raise MelsearchError(f"{root}: cannot list this folder ({exc.strerror or exc})") from exc
+            rejected.append((folder, f"folder cannot be listed ({exc.strerror or exc})"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                info = entry.stat()
+            except OSError as exc:
+                if is_audio_path(entry.name) or not path.suffix:
+                    rejected.append((path, _unfollowable(exc)))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                first = listed.get((info.st_dev, info.st_ino))
+                if first is None:
+                    visit(path, info)
+                elif first in path.parents:
+                    rejected.append((path, f"symbolic link loop (a link back to {shown(first)})"))
+                else:
+                    rejected.append((path, f"the same folder as {shown(first)}, listed already"))
+            elif is_audio_path(entry.name):
+                if not stat.S_ISREG(info.st_mode):
+                    rejected.append((path, "not a regular file"))
+                elif not os.access(path, os.R_OK):
+                    rejected.append((path, f"cannot be read ({os.strerror(errno.EACCES)})"))
+                else:
+                    files.append((path, info))
+
+    visit(root, root.stat())
+    return AudioListing(sorted(files, key=lambda item: item[0]), sorted(rejected))
+
+
+def list_audio_files(root: str | os.PathLike) -> list[Path]:
+    """The audio files of :func:`scan_audio_folder` (those that can be read), sorted."""
+    return [path for path, _ in scan_audio_folder(root).files]
 
 
 def folder_fingerprint(root: str | os.PathLike) -> str:
-    """Short hash of the audio files' relative paths, sizes and mtimes: changes when the collection changes."""
+    """Short hash of the audio files' relative paths, sizes, mtimes and permissions, and of the entries that cannot
+    be read: changes when the collection changes, a file made readable included."""
     root = Path(root)
-    entries = []
-    for path in list_audio_files(root):
-        stat = path.stat()
-        entries.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    listing = scan_audio_folder(root)
+    entries = [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns, info.st_mode)
+               for path, info in listing.files]
+    entries += [(path.relative_to(root).as_posix(), reason) for path, reason in listing.rejected]
     return params_key(entries)
 
 
@@ -145,22 +218,25 @@ def _give_every_label_a_train_track(rows: list[dict]) -> None:
 def _probe_row(path: Path) -> dict:
     try:
         info = probe_audio(path)
-    except MelsearchError as exc:
-        reason = str(exc).removeprefix(f"{path}: ")
-        return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected", "reason": reason}
+    except (MelsearchError, OSError) as exc:  # OSError: made unreadable since it was listed
+        reason = str(exc).removeprefix(f"{path}: ") if isinstance(exc, MelsearchError) else exc.strerror or str(exc)
+        return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected",
+                "reason": readable_name(reason)}
     return {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
             "status": "ok", "reason": ""}
 
 
 def file_identity(path: str | os.PathLike) -> str:
-    """What identifies one version of a file: a hash of its resolved path, size and mtime (ns).
+    """What identifies one version of a file: a hash of its resolved path, inode, size, mtime and ctime (ns).
 
-    A symlink is followed (two links to one file are one file); an edited, replaced or moved file is a new one.
-    Raises OSError when the file cannot be stat'ed.
+    A symlink is followed (two links to one file are one file); an edited, replaced or moved file is a new one,
+    even one of the same size whose mtime was set back (writing or replacing it sets the ctime, which no one can
+    set back). Raises OSError when the file cannot be stat'ed.
     """
     real = os.path.realpath(path)
-    stat = os.stat(real)
-    return hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    info = os.stat(real)
+    facts = f"\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}"
+    return hashlib.sha256(os.fsencode(real) + facts.encode()).hexdigest()[:32]
 
 
 def _read_probe_cache(path: Path | None) -> dict[str, dict]:
@@ -227,8 +303,9 @@ def build_manifest(
     if split not in SPLIT_METHODS:
         raise MelsearchError(f"unknown split method {split!r} (choose from {', '.join(SPLIT_METHODS)})")
     root = Path(audio_dir).resolve()
-    paths = list_audio_files(root)
-    if not paths:
+    listing = scan_audio_folder(root)
+    paths = [path for path, _ in listing.files]
+    if not paths and not listing.rejected:
         raise MelsearchError(f"{root}: no audio files found (looked for {', '.join(AUDIO_EXTENSIONS)})")
     rels = [p.relative_to(root) for p in paths]
     gtzan = is_gtzan_layout(rels)
@@ -238,12 +315,20 @@ def build_manifest(
 
     probes = _probe_cached(paths, Path(probe_cache) if probe_cache is not None else None, workers)
 
-    rows = []
-    for path, rel, probe in zip(paths, rels, probes, strict=True):
-        track_id = rel.stem if gtzan and is_gtzan_name(rel) else rel.as_posix()
-        rows.append({"track_id": track_id, "path": str(path), "label": _label_of(rel), "split": "", **probe})
+    unreadable = {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected"}
+    found = [*zip(paths, rels, probes, strict=True),
+             *((path, path.relative_to(root), {**unreadable, "reason": readable_name(reason)})
+               for path, reason in listing.rejected)]
+    rows, taken = [], set()
+    for path, rel, probe in sorted(found, key=lambda item: item[0]):
+        track_id = rel.stem if gtzan and is_gtzan_name(rel) else readable_name(rel.as_posix())
+        if track_id in taken:  # caf\xe9.wav beside café.wav, or blues.00001.au beside blues.00001.wav
+            probe = {**unreadable, "reason": f"another file has the track id {track_id}; rename one of them"}
+        taken.add(track_id)
+        rows.append({"track_id": track_id, "path": path_to_text(path), "label": _label_of(rel), "split": "",
+                     **probe})
         if probe["status"] == "rejected":
-            log.warning("rejected %s: %s", path, probe["reason"])
+            log.warning("rejected %s: %s", readable_name(str(path)), probe["reason"])
 
     ids_by_label = defaultdict(list)
     for row in rows:

@@ -29,6 +29,7 @@ import pipeline
 from pipeline.errors import MelsearchError
 from pipeline.feature_store import open_features_h5
 from pipeline.io import atomic_path
+from pipeline.manifest import path_from_text
 from pipeline.mel import MelConfig, log_mel_for_file
 from pipeline.parallel import shared_pool
 
@@ -69,7 +70,8 @@ def write_mel_part(tracks: Sequence[tuple[str, str]], path: str, cfg: MelConfig)
 
     The part holds ``mel`` (rows, n_mels, n_frames) in ``cfg.dtype``, one row per decoded track, one track
     per chunk. Returns, per track, its frames holding audio or the reason it failed: a few bytes to send
-    back, where the spectrograms themselves would be 330 KB each.
+    back, where the spectrograms themselves would be 330 KB each. Paths are as the manifest keeps them
+    (:func:`pipeline.manifest.path_to_text`).
     """
     outcomes: list[int | str] = []
     shape = (cfg.n_mels, cfg.n_frames)
@@ -79,7 +81,7 @@ def write_mel_part(tracks: Sequence[tuple[str, str]], path: str, cfg: MelConfig)
         rows = 0
         for _, audio_path in tracks:
             try:
-                spectrogram, n_true = log_mel_for_file(audio_path, cfg)
+                spectrogram, n_true = log_mel_for_file(path_from_text(audio_path), cfg)
             except MelsearchError as exc:
                 outcomes.append(str(exc))
                 continue

@@ -1,7 +1,7 @@
 """A library's features and vectors, cached per audio file: a rerun after adding N files decodes exactly N.
 
 A library is a folder of music to index (labels optional) with a model trained elsewhere. Its stages keep
-what they computed per file version (:func:`pipeline.dataset.file_identity`: resolved path, size, mtime):
+what they computed per file version (:func:`pipeline.dataset.file_identity`: resolved path, size, mtime, ctime):
 
 - log-mels in ``<workdir>/cache/features-<mel key>/part-<hash>.h5``, each part written by the pool worker
   that extracted its files (``mel`` (rows, n_mels, n_frames), ``identity`` and ``n_frames`` per row, and the
@@ -36,7 +36,7 @@ from pipeline.embeddings import read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_mel_part
 from pipeline.io import atomic_path
-from pipeline.manifest import read_manifest
+from pipeline.manifest import path_from_text, read_manifest
 from pipeline.mel import MelConfig
 from pipeline.parallel import shared_pool
 
@@ -120,7 +120,7 @@ def write_library_features(
     identity_of, failed = {}, []
     for track_id, path in tracks:
         try:
-            identity_of[track_id] = file_identity(path)
+            identity_of[track_id] = file_identity(path_from_text(path))
         except OSError as exc:
             failed.append({"track_id": track_id, "path": path, "reason": f"{path}: {exc.strerror or exc}"})
     todo = sorted({identity: path for track_id, path in tracks if (identity := identity_of.get(track_id))

@@ -36,6 +36,7 @@ from pipeline.index import (
 )
 from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
+from pipeline.manifest import path_from_text
 from pipeline.storage import is_remote
 
 if TYPE_CHECKING:
@@ -190,10 +191,11 @@ class MusicSearch:
         digest = functools.cache(_sha256_or_none)
 
         def is_query(row: dict, distance: float) -> bool:
-            if os.path.realpath(row["path"]) == same_file:
+            path = path_from_text(row["path"])
+            if os.path.realpath(path) == same_file:
                 return True
             # a copy of the query's bytes elsewhere; a transcode or a near-identical song stays a result
-            return distance < DUPLICATE_DISTANCE and digest(row["path"]) in (None, digest(same_file))
+            return distance < DUPLICATE_DISTANCE and digest(path) in (None, digest(same_file))
 
         return self._search(vector, top_k, exact=exact, is_query=is_query)
 
@@ -263,7 +265,7 @@ class MusicSearch:
         path = Path(path)
         real = os.path.realpath(path)
         for row in [*self._items, *self._added_rows]:
-            if os.path.realpath(row["path"]) == real:
+            if os.path.realpath(path_from_text(row["path"])) == real:
                 log.info("%s is already indexed as %s", path, row["track_id"])
                 return row["track_id"]
         vector, predicted = self._embed_file(path)

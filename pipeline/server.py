@@ -46,6 +46,7 @@ from pipeline.audio import is_audio_path
 from pipeline.errors import MelsearchError, UndecodableAudioError
 from pipeline.index import MAP_FILE
 from pipeline.layout import WorkDir
+from pipeline.manifest import path_from_text
 from pipeline.query import RECOMMEND_RULES, MusicSearch
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class _AudioFiles:
         row = self.by_id.get(track)
         if row is None:
             raise HTTPError(404, "unknown track id")
-        path = Path(row["path"])
+        path = Path(path_from_text(row["path"]))
         # the id table is trusted to name audio files; anything else it might say is still not served
         if not is_audio_path(path) or not path.is_file():
             raise HTTPError(404, f"the audio of {track} is no longer where the index says")
@@ -187,7 +188,7 @@ class _AudioFiles:
         with self._lock:
             if not out.is_file():
                 try:
-                    samples, sr = sf.read(path, always_2d=True)
+                    samples, sr = sf.read(os.fsencode(path), always_2d=True)  # bytes: a name may not be UTF-8
                     partial = out.with_suffix(".part")
                     sf.write(partial, samples, sr, format="WAV", subtype="PCM_16")
                     partial.replace(out)
