@@ -322,7 +322,9 @@ def build_manifest(
     rows, taken = [], set()
     for path, rel, probe in sorted(found, key=lambda item: item[0]):
         track_id = rel.stem if gtzan and is_gtzan_name(rel) else readable_name(rel.as_posix())
-        if track_id in taken:  # caf\xe9.wav beside café.wav, or blues.00001.au beside blues.00001.wav
+        if track_id in taken:  # caf\xe9.wav after café.wav, or blues.00001.wav after blues.00001.au
+            track_id = os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+        if track_id in taken:
             probe = {**unreadable, "reason": f"another file has the track id {track_id}; rename one of them"}
         taken.add(track_id)
         rows.append({"track_id": track_id, "path": path_to_text(path), "label": _label_of(rel), "split": "",

@@ -1,3 +1,5 @@
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -6,9 +8,9 @@ import soundfile as sf
 from conftest import add_broken_files
 
 from pipeline.audio import load_audio, probe_audio
-from pipeline.dataset import build_manifest, hash_split, load_gtzan_split, random_split
+from pipeline.dataset import build_manifest, folder_fingerprint, hash_split, load_gtzan_split, random_split
 from pipeline.errors import MelsearchError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import path_from_text, path_to_text, read_manifest, readable_name
 
 
 def test_manifest_records_good_and_bad_files(synth_dir, copy_tree, tmp_path):
@@ -130,3 +132,75 @@ def test_real_clips_are_all_ok(real_audio_dir, tmp_path):
     assert figures["layout"] == "gtzan" and figures["rejected"] == 0 and len(rows) == 30
     assert {r["label"] for r in rows} == {r["track_id"].split(".")[0] for r in rows}
     assert all(r["split"] in ("train", "valid", "test") for r in rows)
+
+
+def _song(path: Path, seconds: float = 0.5) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, 0.1 * np.sin(np.arange(int(22050 * seconds), dtype=np.float32) / 5), 22050)
+    return path
+
+
+def _manifest_rows(folder: Path, out: Path) -> dict[str, dict]:
+    build_manifest(folder, out)
+    return {row["track_id"]: row for row in read_manifest(out)}
+
+
+def test_broken_and_looping_links_are_rejected_rows(tmp_path, caplog):
+    """Issue 18 row 1: each is a rejected row with its reason, warned about once; the fingerprint is taken too."""
+    folder = tmp_path / "music"
+    _song(folder / "rock" / "song.wav")
+    (folder / "rock" / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    (folder / "rock" / "self.mp3").symlink_to("self.mp3")
+    (folder / "rock" / "up").symlink_to("..")  # a folder link back to the top
+    (folder / "rock" / "cover.jpg").symlink_to(tmp_path / "nowhere.jpg")  # not audio: not a song, not a row
+    fingerprint = folder_fingerprint(folder)
+    with caplog.at_level(logging.WARNING, logger="pipeline.dataset"):
+        rows = _manifest_rows(folder, tmp_path / "m.parquet")
+    assert {track_id: (row["status"], row["reason"]) for track_id, row in rows.items()} == {
+        "rock/song.wav": ("ok", ""),
+        "rock/gone.wav": ("rejected", "broken symbolic link (its target does not exist)"),
+        "rock/self.mp3": ("rejected", "symbolic link loop"),
+        "rock/up": ("rejected", "symbolic link loop (a link back to the top folder)"),
+    }
+    for name in ("gone.wav", "self.mp3", "up"):
+        assert sum(f"/rock/{name}: " in record.getMessage() for record in caplog.records) == 1, name
+    _song(tmp_path / "nowhere.wav")  # the link's song arrives: the fingerprint sees it, the next manifest has it
+    assert folder_fingerprint(folder) != fingerprint
+    assert _manifest_rows(folder, tmp_path / "m2.parquet")["rock/gone.wav"]["status"] == "ok"
+
+
+def test_a_linked_label_folder_is_followed_and_listed_once(tmp_path):
+    """Issue 18 row 4: a label folder that links elsewhere is read under its link's name; a second way in is a row."""
+    folder, elsewhere = tmp_path / "music", tmp_path / "elsewhere"
+    _song(folder / "rock" / "a.wav")
+    for name in ("x.wav", "y.flac", "live/z.wav"):
+        _song(elsewhere / name)
+    (folder / "jazz").symlink_to(elsewhere)
+    (folder / "rock" / "jazz again").symlink_to(elsewhere)
+    rows = _manifest_rows(folder, tmp_path / "m.parquet")
+    assert {track_id: (row["status"], row["label"]) for track_id, row in rows.items()} == {
+        "jazz/x.wav": ("ok", "jazz"), "jazz/y.flac": ("ok", "jazz"), "jazz/live/z.wav": ("ok", "jazz"),
+        "rock/a.wav": ("ok", "rock"), "rock/jazz again": ("rejected", "rock"),
+    }
+    assert rows["rock/jazz again"]["reason"] == "the same folder as jazz, listed already"
+    assert rows["jazz/x.wav"]["path"] == str(folder.resolve() / "jazz" / "x.wav")
+
+
+def test_a_latin1_file_name_is_read_and_shown_readably(tmp_path):
+    """Issue 18 row 5: the raw name goes through the manifest losslessly and opens; its track id reads as meant."""
+    folder = tmp_path / "music"
+    raw = os.fsencode(folder / "chanson") + b"/d\xe9j\xe0 vu.wav"
+    os.rename(_song(folder / "chanson" / "x.wav"), raw)
+    _song(folder / "chanson" / "café.wav")
+    os.rename(_song(folder / "chanson" / "y.wav"), os.fsencode(folder / "chanson") + b"/caf\xe9.wav")
+    rows = _manifest_rows(folder, tmp_path / "m.parquet")
+    row = rows["chanson/déjà vu.wav"]
+    assert row["status"] == "ok" and os.fsencode(path_from_text(row["path"])) == raw
+    samples, _ = load_audio(path_from_text(row["path"]), sr=22050)
+    assert samples.size == 11025
+    # caf\xe9.wav reads as the UTF-8 café.wav beside it: that one keeps the id, this one shows its raw byte
+    assert rows["chanson/café.wav"]["path"] == str(folder.resolve() / "chanson" / "café.wav")
+    assert os.fsencode(path_from_text(rows["chanson/caf\\xe9.wav"]["path"])).endswith(b"/caf\xe9.wav")
+    assert len(rows) == 3 and all(row["status"] == "ok" for row in rows.values())
+    assert path_to_text("/music/café.wav") == "/music/café.wav"  # a UTF-8 path reads as it is
+    assert readable_name(os.fsdecode(b"\x80 \x81 \xff")) == "€ \x81 ÿ"  # cp1252, Latin-1 where cp1252 has none

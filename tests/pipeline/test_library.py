@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -139,6 +141,12 @@ def test_identity_follows_symlinks_and_changes_with_the_file(tmp_path):
     assert file_identity(link) == file_identity(target)
     before = file_identity(target)
     _tone(target, [(1.5, 440)])
+    assert file_identity(target) != before
+    # issue 18 row 14: replaced by other bytes of the same size, its mtime set back: still another version
+    stat, before = target.stat(), file_identity(target)
+    _tone(target, [(1.5, 660)])
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     assert file_identity(target) != before
 
 
