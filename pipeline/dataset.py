@@ -117,11 +117,12 @@ def list_audio_files(root: str | os.PathLike) -> list[Path]:
 
 
 def folder_fingerprint(root: str | os.PathLike) -> str:
-    """Short hash of the audio files' relative paths, sizes, mtimes and permissions, and of the entries that cannot
-    be read: changes when the collection changes, a file made readable included."""
+    """Short hash of the audio files' relative paths, sizes, mtimes and ctimes, and of the entries that cannot be
+    read: changes when the collection changes, a file replaced under its old mtime or made readable included (as
+    :func:`file_identity`, the ctime catches what the mtime was set back over)."""
     root = Path(root)
     listing = scan_audio_folder(root)
-    entries = [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns, info.st_mode)
+    entries = [(path.relative_to(root).as_posix(), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
                for path, info in listing.files]
     entries += [(path.relative_to(root).as_posix(), reason) for path, reason in listing.rejected]
     return params_key(entries)
