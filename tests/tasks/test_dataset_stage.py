@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import ArchiveServer, add_broken_files, make_genres_tar, make_zero_bomb
-from helpers import ROOT, melsearch, snapshot, status
+from helpers import AS_USER, ROOT, melsearch, snapshot, status
+
+needs_a_user = pytest.mark.skipif(AS_USER is None, reason="root needs setpriv to be refused a chmod 000 entry")
 
 
 def test_dataset_stage_on_real_clips_with_broken_files(real_audio_dir, copy_tree, tmp_path):
@@ -115,3 +118,50 @@ def test_an_archive_bomb_is_one_line_and_leaves_the_work_directory_small(tmp_pat
                      "--dataset-extract-min-free-gb", "1000000", check=False)
     assert full.returncode == 1 and "[dataset] extract_min_free_gb" in full.stderr and "Traceback" not in full.stderr
     assert not list(workdir.glob("dataset/*/*audio*"))
+
+
+def dataset_as_user(audio, workdir) -> tuple[dict[str, dict], str]:
+    """``run --stage dataset`` then ``status`` as a user whom chmod 000 stops: the manifest's rows by track id and
+    the run's stderr (both commands exit 0 with no traceback, and status finds the stage done)."""
+    source = ["--audio-dir", str(audio), "--workdir", str(workdir)]
+    run = melsearch("run", "--stage", "dataset", *source, prefix=AS_USER)
+    report = melsearch("status", "--json", *source, prefix=AS_USER)
+    assert "Traceback" not in run.stderr + report.stderr, run.stderr + report.stderr
+    dataset = json.loads(report.stdout)["dataset"]
+    assert dataset["done"]
+    return {row["track_id"]: row for row in pq.read_table(dataset["outputs"][0]["output"]).to_pylist()}, run.stderr
+
+
+@needs_a_user
+def test_an_unreadable_file_is_a_rejected_row_until_it_may_be_read(synth_dir, copy_tree, tmp_path):
+    """Issue 18 row 2: a chmod 000 file is a rejected row with its reason, warned about once; the stage goes on."""
+    audio = copy_tree(synth_dir)
+    locked = audio / "drone" / "drone.00001.wav"
+    locked.chmod(0)
+    rows, stderr = dataset_as_user(audio, tmp_path / "work")
+    assert (rows["drone/drone.00001.wav"]["status"], rows["drone/drone.00001.wav"]["reason"]) == (
+        "rejected", "cannot be read (Permission denied)")
+    assert sum(row["status"] == "ok" for row in rows.values()) == 23
+    assert stderr.count(f"rejected {locked}: ") == 1
+    locked.chmod(0o644)  # the next run sees the change, and reads it
+    rows, _ = dataset_as_user(audio, tmp_path / "work")
+    assert sum(row["status"] == "ok" for row in rows.values()) == 24
+
+
+@needs_a_user
+def test_an_unreadable_folder_is_one_rejected_row_until_it_may_be_listed(synth_dir, copy_tree, tmp_path):
+    """Issue 18 row 3: a folder that cannot be listed is one rejected row naming it, warned about once."""
+    audio = copy_tree(synth_dir)
+    hidden = audio / "drone" / "b-sides"
+    hidden.mkdir()
+    for path in sorted((audio / "drone").glob("*.wav"))[:2]:
+        path.rename(hidden / path.name)
+    hidden.chmod(0)
+    rows, stderr = dataset_as_user(audio, tmp_path / "work")
+    assert (rows["drone/b-sides"]["status"], rows["drone/b-sides"]["reason"]) == (
+        "rejected", "folder cannot be listed (Permission denied)")
+    assert len(rows) == 23 and sum(row["status"] == "ok" for row in rows.values()) == 22
+    assert stderr.count(f"rejected {hidden}: ") == 1
+    hidden.chmod(0o755)
+    rows, _ = dataset_as_user(audio, tmp_path / "work")
+    assert len(rows) == 24 and rows["drone/b-sides/drone.00000.wav"]["status"] == "ok"

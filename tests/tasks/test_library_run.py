@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import soundfile as sf
 from luigi.cmdline_parser import CmdlineParser
 
+from pipeline.embeddings import read_embeddings
 from pipeline.synth import write_synthetic_dataset
 from tasks.config import configure, settings_from_flags
 from tasks.library import LibraryFeatures
@@ -149,3 +151,32 @@ def test_musicnn_indexes_a_library_alone(tmp_path, library):
     assert second["train"]["outputs"][0]["output"] == model["output"] and weights.stat().st_mtime_ns == before
     record = json.loads((workdir / "latest-run.json").read_text())
     assert set(record["dataset"]) == {"library"} and set(record["features"]) == {"library"}
+
+
+def test_a_song_replaced_with_its_mtime_set_back_is_encoded_again(tmp_path):
+    """Issue 18 row 14: other bytes of the same size under the old mtime are a new version of the file, so its
+    vector is computed again (it was the old song's), and only its."""
+    write_synthetic_dataset(tmp_path / "source", n_per_class=2, seconds=4.0, n_classes=3, seed=5)
+    clips = sorted((tmp_path / "source").rglob("*.wav"))
+    folder, workdir = tmp_path / "songs", tmp_path / "work"
+    folder.mkdir()
+    for clip in clips[:4]:
+        shutil.copy(clip, folder / clip.name)
+    settings = ["--workdir", str(workdir), "--library", str(folder), "--model", "musicnn", "--set",
+                "features.duration_s=4"]
+    melsearch("run", *settings)
+    song = folder / clips[0].name
+    before = song.stat()
+    shutil.copyfile(clips[-1], song)  # another class's clip: every synthetic clip has the same size
+    os.utime(song, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (song.stat().st_size, song.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    melsearch("run", *settings)
+    report = json.loads(melsearch("status", "--json", *settings).stdout)
+    features = report["features"]["outputs"][0]["figures"]
+    assert (features["extracted"], features["reused"]) == (1, 3)
+    embeddings = report["embeddings"]["outputs"][0]
+    assert embeddings["figures"]["computed"] == 1
+    rows, vectors = read_embeddings(workdir / embeddings["output"])
+    indexed = vectors[[row["track_id"] for row in rows].index(song.name)]
+    fresh = np.array(melsearch("encode", "--workdir", str(workdir), str(song)).stdout.split(), dtype=np.float32)
+    assert float(indexed @ fresh) > 0.99  # cosine: both unit length
