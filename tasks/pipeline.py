@@ -158,6 +158,10 @@ def run_pipeline(
         raise MelsearchError(f"{archive}: no such file (--archive)")
     if library and not Path(library).is_dir():
         raise MelsearchError(f"{library}: no such folder (--library)")
+    for folder, flag in ((audio_dir, "--audio-dir"), (library, "--library")):
+        # its listing keys the stages: unreadable, it would fail inside Luigi's scheduling, in a traceback
+        if folder and not os.access(folder, os.R_OK | os.X_OK):
+            raise MelsearchError(f"{folder}: cannot list this folder, permission denied ({flag})")
     if workers < 1:
         raise MelsearchError(f"--workers {workers}: at least one worker runs the tasks")
     WorkDir(workdir).check_writable()

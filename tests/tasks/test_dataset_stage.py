@@ -165,3 +165,8 @@ def test_an_unreadable_folder_is_one_rejected_row_until_it_may_be_listed(synth_d
     hidden.chmod(0o755)
     rows, _ = dataset_as_user(audio, tmp_path / "work")
     assert len(rows) == 24 and rows["drone/b-sides/drone.00000.wav"]["status"] == "ok"
+    audio.chmod(0)  # the top folder itself: nothing to run on, said in one line
+    refused = melsearch("run", "--stage", "dataset", "--audio-dir", str(audio), "--workdir", str(tmp_path / "work"),
+                        prefix=AS_USER, check=False)
+    assert (refused.returncode, refused.stderr) == (1, f"melsearch: {audio}: cannot list this folder, permission "
+                                                       "denied (--audio-dir)\n")
