@@ -25,6 +25,7 @@ from pipeline.embeddings import embeddings_metadata, read_embeddings, write_embe
 from pipeline.errors import MelsearchError
 from pipeline.io import file_sha256
 from pipeline.layout import added_table_path
+from pipeline.manifest import path_from_text, readable_name
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class AddedSongs:
             ids = {existing["track_id"] for existing in rows} | set(taken)
             track_id = row["track_id"]
             if track_id in ids:
-                path = Path(row["path"])
-                track_id = f"added/{path.stem}-{file_sha256(path)[:8]}{path.suffix}"
+                path = Path(path_from_text(row["path"]))
+                track_id = f"added/{readable_name(path.stem)}-{file_sha256(path)[:8]}{path.suffix}"
                 if track_id in ids:
                     return track_id  # the same name and bytes, from another folder
             write_embedding_rows([*rows, {**row, "track_id": track_id}],

@@ -36,7 +36,7 @@ from pipeline.index import (
 )
 from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
-from pipeline.manifest import path_from_text
+from pipeline.manifest import path_from_text, path_to_text, readable_name
 from pipeline.storage import is_remote
 
 if TYPE_CHECKING:
@@ -269,8 +269,8 @@ class MusicSearch:
                 log.info("%s is already indexed as %s", path, row["track_id"])
                 return row["track_id"]
         vector, predicted = self._embed_file(path)
-        row = {"track_id": f"added/{path.name}", "path": str(Path(real)), "label": label, "split": "added",
-               "predicted_label": predicted}
+        row = {"track_id": f"added/{readable_name(path.name)}", "path": path_to_text(real), "label": label,
+               "split": "added", "predicted_label": predicted}
         metadata = {key: self.meta[key] for key in ("model", "model_key", "feature_key")}
         track_id = self._added.add(row, vector, metadata=metadata, taken=set(self._item_of))
         self._added_rows, self._added_vectors = self._read_added()  # with what other processes added meanwhile

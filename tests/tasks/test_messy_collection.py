@@ -73,5 +73,11 @@ def test_a_messy_collection_never_stops_a_run(tmp_path):
     by_file = json.loads(melsearch("query", "--workdir", str(tmp_path / "w2"), "--json",
                                    path_from_text(rows[latin1]["path"])).stdout)
     assert latin1 not in {hit["track_id"] for hit in by_file}  # the query's own file, recognised
-    served = TestClient(create_app(MusicSearch.load(tmp_path / "w2"))).get("/audio", params={"track": latin1})
+    search = MusicSearch.load(tmp_path / "w2")
+    served = TestClient(create_app(search)).get("/audio", params={"track": latin1})
     assert served.status_code == 200 and served.content == Path(path_from_text(rows[latin1]["path"])).read_bytes()
+    # a song added later with such a name: the side table keeps it too
+    new_song = os.fsencode(tmp_path) + b"/d\xe9j\xe0 vu.wav"
+    shutil.copyfile(path_from_text(rows[good[0]]["path"]), new_song)
+    assert search.index_audio(os.fsdecode(new_song)) == "added/déjà vu.wav"
+    assert MusicSearch.load(tmp_path / "w2").query("added/déjà vu.wav", top_k=3)[0]["track_id"] == good[0]
