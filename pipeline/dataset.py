@@ -216,13 +216,17 @@ def _give_every_label_a_train_track(rows: list[dict]) -> None:
         chosen["split"] = "train"
 
 
+def _rejected(reason: str) -> dict:
+    """The probe columns of a rejected row."""
+    return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected", "reason": readable_name(reason)}
+
+
 def _probe_row(path: Path) -> dict:
     try:
         info = probe_audio(path)
     except (MelsearchError, OSError) as exc:  # OSError: made unreadable since it was listed
-        reason = str(exc).removeprefix(f"{path}: ") if isinstance(exc, MelsearchError) else exc.strerror or str(exc)
-        return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected",
-                "reason": readable_name(reason)}
+        return _rejected(str(exc).removeprefix(f"{path}: ") if isinstance(exc, MelsearchError)
+                         else exc.strerror or str(exc))
     return {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
             "status": "ok", "reason": ""}
 
@@ -316,17 +320,15 @@ def build_manifest(
 
     probes = _probe_cached(paths, Path(probe_cache) if probe_cache is not None else None, workers)
 
-    unreadable = {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected"}
     found = [*zip(paths, rels, probes, strict=True),
-             *((path, path.relative_to(root), {**unreadable, "reason": readable_name(reason)})
-               for path, reason in listing.rejected)]
+             *((path, path.relative_to(root), _rejected(reason)) for path, reason in listing.rejected)]
     rows, taken = [], set()
     for path, rel, probe in sorted(found, key=lambda item: item[0]):
         track_id = rel.stem if gtzan and is_gtzan_name(rel) else readable_name(rel.as_posix())
         if track_id in taken:  # caf\xe9.wav after café.wav, or blues.00001.wav after blues.00001.au
             track_id = os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
         if track_id in taken:
-            probe = {**unreadable, "reason": f"another file has the track id {track_id}; rename one of them"}
+            probe = _rejected(f"another file has the track id {track_id}; rename one of them")
         taken.add(track_id)
         rows.append({"track_id": track_id, "path": path_to_text(path), "label": _label_of(rel), "split": "",
                      **probe})
