@@ -15,7 +15,7 @@
       index/added-<model folder>.parquet.lock  held by whoever adds a song (pipeline.added)
       cache/probes.parquet                     the dataset stage's probe of each file, by path, size and mtime
       cache/features-<mel key>/part-*.h5       log-mels of a library's files, by file (pipeline.library)
-      cache/embeddings-<model folder>.parquet  a library's vectors by file for one model (pipeline.library)
+      cache/embeddings-<model folder>-<weights>.parquet  a library's vectors by file for one model's weights
       latest-run.json                          the folders the last ``melsearch run`` used, per stage and model
       .reruns.json                             folders a ``--rerun`` removed and no run has rebuilt yet
       scheduler/                               luigid.pid, logs/, state.pickle
@@ -137,9 +137,13 @@ class WorkDir:
         """The folder of per-file log-mels for one :class:`pipeline.mel.MelConfig` key (library runs)."""
         return self.root / "cache" / f"features-{mel_key}"
 
-    def embedding_cache(self, model_folder: str) -> Path:
-        """The per-file vectors of the model in ``train/<model_folder>`` (library runs)."""
-        return self.root / "cache" / f"embeddings-{model_folder}.parquet"
+    def embedding_cache(self, model_folder: str, weights: str) -> Path:
+        """The per-file vectors of the model in ``train/<model_folder>`` whose ``model.pt`` hashes to ``weights``.
+
+        The weights are part of the name: ``--rerun train`` retrains into the same folder, and the new model's
+        vectors must not be taken from the old one's (library runs).
+        """
+        return self.root / "cache" / f"embeddings-{model_folder}-{weights[:10]}.parquet"
 
     @property
     def lock_file(self) -> Path:

@@ -6,7 +6,7 @@ what they computed per file version (:func:`pipeline.dataset.file_identity`: res
 - log-mels in ``<workdir>/cache/features-<mel key>/part-<hash>.h5``, each part written by the pool worker
   that extracted its files (``mel`` (rows, n_mels, n_frames), ``identity`` and ``n_frames`` per row, and the
   files that failed with their reasons in the ``failed`` attribute, so a bad file is not decoded again);
-- vectors in ``<workdir>/cache/embeddings-<model folder>.parquet`` (identity, predicted label, vector).
+- vectors in ``<workdir>/cache/embeddings-<model folder>-<weights>.parquet`` (identity, predicted label, vector).
 
 A library's features folder holds ``tracks.parquet``: for each track of the manifest with features, its
 identity and where its log-mel is (part file, row). The embeddings file is the usual one

@@ -10,7 +10,7 @@ import luigi
 from pipeline.added import AddedSongs
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
-from pipeline.io import params_key
+from pipeline.io import file_sha256, params_key
 from pipeline.library import write_library_embeddings
 from tasks.base import ModelStageTask
 from tasks.config import index_config, train
@@ -45,8 +45,9 @@ class Embeddings(ModelStageTask):
 
     @property
     def vector_cache(self) -> Path:
-        """The library's vectors by file for this model (library runs)."""
-        return self.layout.embedding_cache(model_task(self).stage_dir.name)
+        """The library's vectors by file for this model's weights (library runs)."""
+        model_dir = model_task(self).stage_dir
+        return self.layout.embedding_cache(model_dir.name, file_sha256(model_dir / "model.pt"))
 
     def pull_inputs(self) -> None:
         super().pull_inputs()

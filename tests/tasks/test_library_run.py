@@ -16,7 +16,7 @@ from pipeline.synth import write_synthetic_dataset
 from tasks.config import configure, settings_from_flags
 from tasks.library import LibraryFeatures
 from tasks.pipeline import Pipeline, stage_tasks
-from tasks.search import Index
+from tasks.search import Embeddings, Index
 from tests.tasks.helpers import FAST, melsearch, status
 
 
@@ -151,6 +151,19 @@ def test_musicnn_indexes_a_library_alone(tmp_path, library):
     assert second["train"]["outputs"][0]["output"] == model["output"] and weights.stat().st_mtime_ns == before
     record = json.loads((workdir / "latest-run.json").read_text())
     assert set(record["dataset"]) == {"library"} and set(record["features"]) == {"library"}
+
+    # the vectors are cached for these weights: a model retrained into the same folder does not reuse them
+    configure(settings_from_flags({"model": "musicnn"}, ["features.duration_s=4"]))
+    embeddings = Embeddings(workdir=str(workdir), library=str(folder), model="musicnn")
+    cached = embeddings.vector_cache
+    assert cached.is_file() and len(read_embeddings(cached)[0]) == n_files + 2
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-8] + bytes(8))
+        assert embeddings.vector_cache != cached and not embeddings.vector_cache.exists()
+    finally:
+        weights.write_bytes(original)
+    assert embeddings.vector_cache == cached
 
 
 def test_a_song_replaced_with_its_mtime_set_back_is_encoded_again(tmp_path):
