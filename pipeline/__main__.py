@@ -1,5 +1,7 @@
+"""``python -m pipeline``: the ``melsearch`` command (:mod:`tasks.cli`)."""
+
 import sys
 
-from pipeline.cli import main
+from tasks.cli import main
 
 sys.exit(main())

@@ -5,8 +5,8 @@ Annoy index (or, with ``exact=True``, every vector by brute force) together with
 songs added since the index was built (``index_audio``; Annoy cannot grow). The next index build of the
 same model folds the side table in (see :mod:`pipeline.added`). From a shell::
 
-    python -m pipeline.query song.mp3 --workdir data/work --top-k 5
-    python -m pipeline.query --track blues.00012 --json
+    melsearch query song.mp3 --workdir data/work --top-k 5
+    melsearch query --track "$(melsearch tracks --json | jq -r '.[0].track_id')" --json
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -388,9 +387,3 @@ def _model_name(model_dir: Path) -> str | None:
         return json.loads((model_dir / "config.json").read_text())["model"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-if __name__ == "__main__":  # the helper script: ``python -m pipeline.query`` (its parser is in query_cli)
-    from pipeline.query_cli import main
-
-    sys.exit(main())

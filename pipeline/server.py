@@ -1,6 +1,6 @@
 """A small web app over :class:`pipeline.query.MusicSearch`: search by song or upload, listen, get recommendations.
 
-``melsearch serve --workdir data/work`` (or ``python -m pipeline.server``) starts it on http://127.0.0.1:8000/.
+``melsearch serve --workdir data/work`` starts it on http://127.0.0.1:8000/.
 Endpoints (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status, never a traceback)::
 
     GET  /                               the page (pipeline/static/index.html)
@@ -18,14 +18,12 @@ table names, found by track id; nothing of the request becomes a path.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -45,7 +43,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from pipeline.audio import is_audio_path
 from pipeline.errors import MelsearchError, UndecodableAudioError
 from pipeline.index import MAP_FILE
-from pipeline.layout import WorkDir
 from pipeline.manifest import path_from_text
 from pipeline.query import RECOMMEND_RULES, MusicSearch
 
@@ -393,22 +390,19 @@ def server_config(app: FastAPI, *, host: str = DEFAULT_HOST, port: int = DEFAULT
 
 
 def serve(
-    index_dir: str | Path,
+    search: MusicSearch,
     *,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     top_k: int = 10,
     max_upload_mb: float = MAX_UPLOAD_MB,
-    model_dir: str | Path | None = None,
-    device: str = "cpu",
     log_level: str = "info",
 ) -> None:
-    """Serve the page and API of the index in ``index_dir`` on ``host:port`` until interrupted.
+    """Serve the page and API of ``search``'s index on ``host:port`` until interrupted.
 
     Loopback only unless ``host`` says otherwise (``0.0.0.0``: every interface, with a warning): the app
     has no accounts and plays the whole collection to whoever reaches it.
     """
-    search = MusicSearch.load(index_dir, model_dir=model_dir, device=device)
     try:
         search.classifier  # noqa: B018 (load the model now, so the first upload does not wait for it)
     except MelsearchError as exc:
@@ -425,51 +419,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="melsearch serve", description="A web page to search the index, listen and get recommendations."
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workdir", default="data/work",
-                       help="work directory: the index its latest run built (default: data/work)")
-    where.add_argument("--index-dir", help="an explicit index/<model>-<key> folder")
-    parser.add_argument("--model", help="in --workdir, the index of this model name")
-    parser.add_argument("--model-dir", help="embed uploads with this model folder (default: the one that built it)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    parser.add_argument("--top-k", type=int, default=10, metavar="K", help="results per query (default: 10)")
-    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, metavar="MB",
-                        help=f"largest upload accepted (default: {MAX_UPLOAD_MB:g})")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``melsearch serve`` (and ``python -m pipeline.server``): serve until Ctrl-C; 1 with one line on errors."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not 0 <= args.port <= 65535 or args.top_k < 1 or args.max_upload_mb <= 0:
-        print("melsearch: --port must be 0-65535, --top-k and --max-upload-mb positive", file=sys.stderr)
-        return 1
-    try:
-        if args.index_dir:
-            index_dir = Path(args.index_dir).expanduser()
-        else:
-            # a bucket's index is fetched into the local cache, with the model folder that built it
-            index_dir, why = WorkDir(os.path.expanduser(args.workdir)).fetch_index(args.model)
-            log.info("serving index %s (%s)", index_dir, why)
-        serve(index_dir, host=args.host, port=args.port, top_k=args.top_k, max_upload_mb=args.max_upload_mb,
-              model_dir=args.model_dir, device=args.device, log_level="debug" if args.verbose > 1 else "info")
-    except MelsearchError as exc:
-        print(f"melsearch: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -200,7 +200,7 @@ def test_real_clips_never_seen_are_predicted_better_than_chance(real_audio_dir, 
 
 @pytest.mark.parametrize("out", ["folder", "missing/parent/x.npy"])
 def test_encode_out_writes_into_a_folder_or_makes_missing_parents(model_dir, tmp_path, capsys, out) -> None:
-    from pipeline.cli import main
+    from tasks.cli import main
 
     song = sorted(model_dir[1]["audio"].rglob("*.wav"))[0]
     (tmp_path / "folder").mkdir()
@@ -212,7 +212,7 @@ def test_encode_out_writes_into_a_folder_or_makes_missing_parents(model_dir, tmp
 
 
 def test_encode_out_that_cannot_be_written_is_one_line(model_dir, tmp_path, capsys) -> None:
-    from pipeline.cli import main
+    from tasks.cli import main
 
     song = sorted(model_dir[1]["audio"].rglob("*.wav"))[0]
     (tmp_path / "afile").write_text("not a folder")

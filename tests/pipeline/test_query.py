@@ -20,9 +20,9 @@ from pipeline.index import build_annoy_index, read_ids
 from pipeline.layout import added_table_path
 from pipeline.manifest import read_manifest
 from pipeline.query import MusicSearch
-from pipeline.query_cli import format_table, main
 from pipeline.synth import SYNTH_CLASSES, synth_clip
 from pipeline.vectors import l2_normalise
+from tasks.cli import format_table, main
 
 
 @pytest.fixture(scope="session")
@@ -203,13 +203,13 @@ def test_an_index_of_another_model_or_dimension_is_refused(workdir, tmp_path, rn
 
 
 def test_main_prints_a_table_or_json(workdir, new_song, capsys):
-    assert main([str(new_song["flac"]), "--workdir", str(workdir), "--top-k", "4"]) == 0
+    assert main(["query", str(new_song["flac"]), "--workdir", str(workdir), "--top-k", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "track_id", "label", "distance", "path"] and len(lines) == 5
     assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3", "4"]
 
     index_dir = workdir / "index" / "cifar10-tiny"
-    assert main(["--track", "buzz/buzz.00003.wav", "--index-dir", str(index_dir), "--json", "--exact"]) == 0
+    assert main(["query", "--track", "buzz/buzz.00003.wav", "--index-dir", str(index_dir), "--json", "--exact"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 10 and "buzz/buzz.00003.wav" not in [r["track_id"] for r in results]
     assert results == MusicSearch.load(index_dir).query("buzz/buzz.00003.wav", exact=True)
@@ -220,7 +220,6 @@ def test_main_prints_a_table_or_json(workdir, new_song, capsys):
     (["--track", "nope.00000"], "unknown track id"),
     (["{tmp}/gone.flac"], "no such file"),
     (["{tmp}/notes.wav"], "not decodable"),
-    (["--track", "buzz/buzz.00000.wav", "--top-k", "0"], "top_k must be >= 1"),
     (["--track", "x", "--workdir", "{tmp}"], "no finished index"),
 ])
 def test_main_errors_exit_1_with_one_line(workdir, tmp_path, capsys, args, message):
@@ -228,21 +227,29 @@ def test_main_errors_exit_1_with_one_line(workdir, tmp_path, capsys, args, messa
     argv = [a.format(tmp=tmp_path) for a in args]
     if "--workdir" not in argv:
         argv += ["--workdir", str(workdir)]
-    assert main(argv) == 1
+    assert main(["query", *argv]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and message in captured.err
     assert captured.err.startswith("melsearch: ")
 
 
-def test_module_runs_as_a_script(workdir):
+def test_a_usage_error_is_one_line_too(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["query", "--track", "buzz/buzz.00000.wav", "--top-k", "0", "--workdir", str(workdir)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "melsearch: argument --top-k: must be at least 1, got 0 (see melsearch query --help)\n"
+
+
+def test_python_dash_m_pipeline_is_the_melsearch_command(workdir):
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-m", "pipeline.query", "--track", "whistle/whistle.00001.wav", "--workdir",
-                           str(workdir), "--json", "--top-k", "2"], cwd=root, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "query", "--track", "whistle/whistle.00001.wav",
+                           "--workdir", str(workdir), "--json", "--top-k", "2"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [r["rank"] for r in json.loads(done.stdout)] == [1, 2]
 

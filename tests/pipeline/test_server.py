@@ -25,9 +25,8 @@ from test_query import new_song, workdir  # noqa: F401 (fixtures: the tiny index
 from pipeline.errors import MelsearchError
 from pipeline.index import read_ids
 from pipeline.query import MusicSearch
-from pipeline.query_cli import recommend_main
 from pipeline.server import HTTPError, _AudioFiles, create_app, server_config
-from pipeline.server import main as server_main
+from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = {"rank", "track_id", "label", "distance"}
@@ -186,13 +185,13 @@ def test_recommend_merges_the_top5_of_each_song_or_searches_the_centroid(search,
 def test_recommend_main_prints_a_table_or_json(workdir, capsys):  # noqa: F811
     history = "drone/drone.00001.wav,chime/chime.00002.wav"
     index = str(workdir / "index" / "cifar10-tiny")
-    assert recommend_main(["--history", history, "--index-dir", index, "--top-k", "3"]) == 0
+    assert main(["recommend", "--history", history, "--index-dir", index, "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "track_id", "label", "distance", "path"] and len(lines) == 4
-    assert recommend_main(["--history", history, "--index-dir", index, "--json", "--rule", "centroid"]) == 0
+    assert main(["recommend", "--history", history, "--index-dir", index, "--json", "--rule", "centroid"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 10 and not set(history.split(",")) & {r["track_id"] for r in results}
-    assert recommend_main(["--history", "nope.wav", "--index-dir", index]) == 1
+    assert main(["recommend", "--history", "nope.wav", "--index-dir", index]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("melsearch: ") and len(captured.err.splitlines()) == 1
 
@@ -361,7 +360,7 @@ def listening_addresses(port: int) -> set[str]:
 
 def test_serve_listens_on_loopback_only_by_default(workdir):  # noqa: F811
     port = free_port()
-    command = [sys.executable, "-m", "pipeline.server", "--index-dir", str(workdir / "index" / "cifar10-tiny"),
+    command = [sys.executable, "-m", "pipeline", "serve", "--index-dir", str(workdir / "index" / "cifar10-tiny"),
                "--port", str(port)]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -391,13 +390,14 @@ def test_serve_listens_on_loopback_only_by_default(workdir):  # noqa: F811
     assert f"http://127.0.0.1:{port}/" in output
 
 
-def test_server_main_errors_are_one_line(tmp_path, capsys):
-    assert server_main(["--workdir", str(tmp_path)]) == 1
-    assert server_main(["--index-dir", str(tmp_path / "none")]) == 1
-    assert server_main(["--index-dir", str(tmp_path), "--port", "70000"]) == 1
+def test_serve_errors_are_one_line(tmp_path, capsys):
+    assert main(["serve", "--workdir", str(tmp_path)]) == 1
+    assert main(["serve", "--index-dir", str(tmp_path / "none")]) == 1
+    with pytest.raises(SystemExit):
+        main(["serve", "--index-dir", str(tmp_path), "--port", "70000"])
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 3 and all(line.startswith("melsearch: ") for line in errors)
-    assert "no finished index" in errors[0]
+    assert "no finished index" in errors[0] and "a port is 0-65535" in errors[2]
 
 
 def test_a_moved_file_or_a_non_audio_path_in_the_id_table_is_a_404(tmp_path):

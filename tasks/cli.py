@@ -1,4 +1,9 @@
-"""``melsearch`` / ``python -m pipeline``: parse, configure logging, call one library function."""
+"""``melsearch`` (and ``python -m pipeline``): the one command line. One parser with a subcommand per job, one logging
+set-up, one error handler that prints one line; each subcommand calls one library or pipeline function.
+
+It lives in ``tasks/`` because ``run`` drives Luigi; the library (``pipeline/``) knows nothing of it, and imports
+stay inside the commands, so ``query`` loads neither matplotlib nor the training code.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,18 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from models import MODEL_NAMES
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
 from pipeline.layout import STAGES
+from pipeline.query import RECOMMEND_RULES, MusicSearch
+from tasks.progress import headline
 
-log = logging.getLogger("pipeline")
+log = logging.getLogger(__name__)
 
 
 class _OneLineMelsearchErrors(logging.Filter):
@@ -27,7 +36,7 @@ class _OneLineMelsearchErrors(logging.Filter):
 
 
 # Loggers whose INFO lines are a run's progress: shown on stderr unless --quiet.
-PROGRESS_LOGGERS = ("tasks.progress", "pipeline.train")
+PROGRESS_LOGGERS = ("tasks.progress", "pipeline.train", "pipeline.server")
 
 
 def _configure_logging(verbose: int, quiet: bool = False) -> None:
@@ -56,11 +65,15 @@ def _configure_stages(args: argparse.Namespace) -> list[str]:
     return model_names()
 
 
-def _source_args(parser: argparse.ArgumentParser) -> None:
+def _workdir_arg(parser: argparse.ArgumentParser, text: str = "where every stage writes") -> None:
+    # `make run WORKDIR=~/x` passes the tilde through quotes: expand it here (and in every path flag)
     parser.add_argument("--workdir", default="data/work", type=os.path.expanduser,
-                        help="where every stage writes (default: data/work)")
+                        help=f"{text} (default: data/work; s3://BUCKET/PREFIX for a bucket)")
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    _workdir_arg(parser)
     source = parser.add_mutually_exclusive_group()
-    # `make run AUDIO_DIR=~/Music` passes the tilde through quotes: expand it here
     source.add_argument("--audio-dir", default="", type=os.path.expanduser,
                         help="folder of audio; sub-folders are labels")
     source.add_argument("--archive", default="", type=os.path.expanduser,
@@ -101,8 +114,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
     """One line per output: stage, done or missing, path, and the headline figures."""
-    from tasks.progress import headline
-
     for stage in stages:
         for entry in status[stage]["outputs"]:
             brief = headline(entry.get("figures", {}))
@@ -195,10 +206,129 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_args(parser: argparse.ArgumentParser, *, ranked: bool = True) -> None:
+    """Which index to read (and for ranked answers how many and how): what query, recommend, tracks, serve share."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", default="data/work", type=os.path.expanduser,
+                       help="work directory: the index its latest run built (default: data/work)")
+    where.add_argument("--index-dir", type=os.path.expanduser, help="an explicit index/<model>-<key> folder")
+    parser.add_argument("--model", help="in --workdir, the index of this model name")
+    if ranked:
+        parser.add_argument("--top-k", type=_positive_int, default=10, metavar="K", help="results (default: 10)")
+        parser.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy, to compare")
+        parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _load_search(args: argparse.Namespace, **load: str) -> MusicSearch:
+    """The MusicSearch the flags name (a work directory's chosen index, or ``--index-dir``)."""
+    return MusicSearch.load(args.index_dir or args.workdir, model=args.model, **load)
+
+
+def _say_index(search: MusicSearch) -> None:
+    """Which index answered and why, on stderr (stdout stays the results)."""
+    print(f"melsearch: index {search.index_dir} ({search.chosen_because})", file=sys.stderr)
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """Results as aligned text columns: rank, track id, label, distance, path."""
+    header = ("rank", "track_id", "label", "distance", "path")
+    cells = [header] + [
+        (str(r["rank"]), r["track_id"], r["label"] or "-", f"{r['distance']:.4f}", r["path"]) for r in results
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    return "\n".join(
+        f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
+        for row in cells)
+
+
+def format_tracks(tracks: Sequence[dict]) -> str:
+    """Songs as aligned text columns: track id, label, path."""
+    cells = [("track_id", "label", "path")] + [(t["track_id"], t["label"] or "-", t["path"]) for t in tracks]
+    widths = [max(len(row[i]) for row in cells) for i in range(2)]
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in cells)
+
+
+def _print_results(args: argparse.Namespace, search: MusicSearch, results: list[dict],
+                   table: Callable[[Sequence[dict]], str] = format_table) -> int:
+    _say_index(search)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    search = _load_search(args, model_dir=args.model_dir, device=args.device)
+    if args.track is not None:
+        return _print_results(args, search, search.query_track(args.track, top_k=args.top_k, exact=args.exact))
+    return _print_results(args, search, search.query_file(args.file, top_k=args.top_k, exact=args.exact))
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    history = [track.strip() for track in args.history.split(",") if track.strip()]
+    search = _load_search(args)
+    return _print_results(args, search, search.recommend(history, top_k=args.top_k, rule=args.rule, exact=args.exact))
+
+
+def cmd_tracks(args: argparse.Namespace) -> int:
+    search = _load_search(args)
+    return _print_results(args, search, search.find_tracks(args.text, limit=args.limit), table=format_tracks)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.server import serve
+
+    search = _load_search(args, model_dir=args.model_dir, device=args.device)
+    _say_index(search)
+    options = {name: getattr(args, name) for name in ("host", "port", "top_k", "max_upload_mb") if name in args}
+    serve(search, log_level="debug" if args.verbose > 1 else "info", **options)
+    return 0
+
+
+EXAMPLES = """examples:
+  melsearch run --library ~/Music --model musicnn    index your music with a pretrained model (no labels needed)
+  melsearch serve                                    a page to search and listen: http://127.0.0.1:8000/
+  melsearch tracks blues                             the index's track ids holding 'blues'
+  melsearch query song.mp3 --top-k 5                 the 5 songs that sound most like a file
+  melsearch query --track blues/song.mp3             ... or like a song of the index
+  melsearch recommend --history ID,ID,ID             what to play next
+  melsearch run --audio-dir ~/Music --model all      train the models on your labelled folders
+  melsearch status                                   what the last run built, with its figures
+  melsearch COMMAND --help                           every option of a command
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, as every other error (exit 2, as argparse's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"melsearch: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="melsearch",
         description="A genre classifier, a vector per song and a 'sounds like' search engine for a music collection.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -210,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(run)
     run.add_argument("--stage", choices=STAGES, default="index", help="last stage to run (default: index)")
     run.add_argument("--rerun", choices=STAGES, default=None, help="recompute this stage and everything downstream")
-    run.add_argument("--workers", type=int, default=1, help="Luigi workers (parallel tasks)")
+    run.add_argument("--workers", type=int, default=1, help="Luigi workers: tasks run in parallel (default: 1)")
     run.add_argument("--scheduler-url", default=None, help="a luigid to run against, e.g. http://127.0.0.1:8082")
     run.set_defaults(func=cmd_run)
 
@@ -232,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                              ("encode", cmd_encode, "the embedding vector of one audio file")):
         command = commands.add_parser(name, help=text, parents=[common])
         if name == "predict":
-            command.add_argument("files", nargs="+", metavar="FILE")
+            command.add_argument("files", nargs="+", metavar="FILE", type=os.path.expanduser, help="audio files")
         else:
-            command.add_argument("file", metavar="FILE")
+            command.add_argument("file", metavar="FILE", type=os.path.expanduser, help="an audio file")
             command.add_argument("--out", help="write the vector to this .npy file, or DIR/<song>.npy for a folder "
                                  "(missing folders are made)")
-        command.add_argument("--workdir", default="data/work", help="work directory (default: data/work)")
+        _workdir_arg(command, "work directory: the model its latest run trained")
         command.add_argument("--model", default=None,
                              help="which trained model (default: the latest run's, else the newest)")
         command.add_argument("--model-dir", default=None, help="an explicit train/<model>-<key> folder")
@@ -245,43 +375,70 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="print JSON instead of text")
         command.set_defaults(func=func)
 
-    # listed for --help only: main() hands these to their modules' own parsers
-    commands.add_parser("query", help="songs that sound like FILE or --track ID (python -m pipeline.query --help)")
-    commands.add_parser("tracks", help="the index's track ids, labels and files, filtered by TEXT")
-    commands.add_parser("recommend", help="songs to play after a listening history (--history ID,ID,...)")
-    commands.add_parser("serve", help="a web page to search and listen, on 127.0.0.1 (melsearch serve --help)")
+    query = commands.add_parser("query", help="songs that sound like an audio file or a track of the index",
+                                parents=[common], description="Songs that sound like an audio file (it need not be "
+                                "in the index) or a track of the index; never the query itself.")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", nargs="?", metavar="FILE", type=os.path.expanduser,
+                      help="audio file (wav, au, mp3, flac, ogg, ...)")
+    what.add_argument("--track", metavar="ID", help="a track id of the index (melsearch tracks lists them)")
+    _index_args(query)
+    query.add_argument("--model-dir", help="embed FILE with this model folder (default: the one that built the index)")
+    query.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where FILE is embedded")
+    query.set_defaults(func=cmd_query)
+
+    recommend = commands.add_parser("recommend", help="songs to play after a listening history", parents=[common],
+                                    description="Songs to play next after a listening history (oldest first), "
+                                                "never one of the history.")
+    recommend.add_argument("--history", required=True, metavar="ID,ID,...",
+                           help="track ids of the index listened to, oldest first, comma-separated")
+    recommend.add_argument("--rule", default="merge", choices=RECOMMEND_RULES,
+                           help="merge: the 5 nearest of each of the last 10 songs, merged (default, the original "
+                                "project's rule); centroid: nearest to the mean of the last 10")
+    _index_args(recommend)
+    recommend.set_defaults(func=cmd_recommend)
+
+    tracks = commands.add_parser("tracks", help="the index's track ids, labels and files, filtered by TEXT",
+                                 parents=[common], description="The index's songs (track id, label, file): the ids "
+                                 "query --track and recommend --history take. With TEXT, those whose id or file "
+                                 "name holds it (any case), those that start with it first.")
+    tracks.add_argument("text", nargs="?", default="", metavar="TEXT", help="part of an id or file name")
+    tracks.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N (default: all)")
+    tracks.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _index_args(tracks, ranked=False)
+    tracks.set_defaults(func=cmd_tracks)
+
+    serve = commands.add_parser("serve", help="a web page to search, listen and get recommendations",
+                                parents=[common], description="A web page to search the index, listen and get "
+                                "recommendations, on 127.0.0.1 (this machine only) unless --host says otherwise.")
+    _index_args(serve, ranked=False)
+    serve.add_argument("--model-dir", help="embed uploads with this model folder (default: the one that built it)")
+    # unset options take serve()'s defaults (pipeline/server.py), which the help repeats
+    serve.add_argument("--host", default=argparse.SUPPRESS,
+                       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: all)")
+    serve.add_argument("--port", type=_port, default=argparse.SUPPRESS, help="port (default: 8000)")
+    serve.add_argument("--top-k", type=_positive_int, default=argparse.SUPPRESS, metavar="K",
+                       help="results per query (default: 10)")
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=argparse.SUPPRESS, metavar="MB",
+                       help="largest upload accepted (default: 50)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where uploads are embedded")
+    serve.set_defaults(func=cmd_serve)
 
     scheduler = commands.add_parser("scheduler", help="start, stop or check a luigid on 127.0.0.1", parents=[common])
     scheduler.add_argument("action", choices=["start", "stop", "status"], help="what to do with luigid")
-    scheduler.add_argument("--workdir", default="data/work",
-                           help="its pid file, logs and state go in WORKDIR/scheduler (default: data/work)")
+    _workdir_arg(scheduler, "its pid file, logs and state go in WORKDIR/scheduler")
     scheduler.add_argument("--port", type=int, default=8082, help="port on 127.0.0.1 (default: 8082)")
     scheduler.set_defaults(func=cmd_scheduler)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(arg.startswith("s3://") for arg in argv):  # luigi.cfg may name the endpoint: tasks/ reads it
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), run the command; 0, or 1 with one line on stderr."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.startswith("s3://") for arg in argv):  # luigi.cfg may name the endpoint
         from tasks.config import export_s3_endpoint
 
         export_s3_endpoint()
-    if argv[:1] == ["query"]:
-        from pipeline.query_cli import main as query_main
-
-        return query_main(argv[1:])
-    if argv[:1] == ["tracks"]:
-        from pipeline.query_cli import tracks_main
-
-        return tracks_main(argv[1:])
-    if argv[:1] == ["recommend"]:
-        from pipeline.query_cli import recommend_main
-
-        return recommend_main(argv[1:])
-    if argv[:1] == ["serve"]:
-        from pipeline.server import main as serve_main
-
-        return serve_main(argv[1:])
     parser = build_parser()
     args, args.stage_settings = parser.parse_known_args(argv)
     if args.stage_settings and args.func not in (cmd_run, cmd_status):
