@@ -163,10 +163,9 @@ class StageTask(luigi.Task):
         if not reason:
             return
         log.warning("%s: %s; writing it again", self.stage, reason)
-        damaged = damaged_outputs(self.stage_dir)
-        WorkDir.figures_path(self.stage_dir).unlink(missing_ok=True)
-        for path in damaged:
+        for path in damaged_outputs(self.stage_dir):  # its own damaged files (none when only upstream is damaged)
             path.unlink(missing_ok=True)
+        WorkDir.figures_path(self.stage_dir).unlink(missing_ok=True)  # last: it names what was damaged
 
     def pull(self) -> None:
         """Download this task's outputs from the bucket into the mirror: its folder, or its output files."""

@@ -245,11 +245,12 @@ def pipeline_status(
         entries = []
         for task in tasks:
             done = task.complete()
-            entry = {"done": done, "state": _state(task, done),
+            problem = "" if done else task.damage()  # complete() asked it already when done; ask once more, not twice
+            entry = {"done": done, "state": _state(task, done, problem),
                      "output": task.layout.location(task.output().path if isinstance(task, CompareModels)
                                                     else task.artifact)}
-            if entry["state"] in ("corrupt", "stale"):
-                entry["problem"] = task.damage()
+            if problem:
+                entry["problem"] = problem
             if getattr(task, "model", None):
                 entry["model"] = task.model
             if done and not isinstance(task, CompareModels):
@@ -259,11 +260,10 @@ def pipeline_status(
     return status
 
 
-def _state(task: StageTask, done: bool) -> str:
-    if done:
-        return "done"
-    if not task.damage():
-        return "missing"
+def _state(task: StageTask, done: bool, problem: str) -> str:
+    """done, missing, or for an unfinished stage with a ``problem``: corrupt (its own files) or stale (upstream's)."""
+    if done or not problem:
+        return "done" if done else "missing"
     return "corrupt" if damaged_outputs(task.stage_dir) else "stale"
 
 
