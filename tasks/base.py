@@ -17,7 +17,7 @@ from pipeline.dataset import folder_fingerprint
 from pipeline.errors import DiskFullError
 from pipeline.io import is_disk_full, params_key
 from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, damaged_outputs, read_figures, write_figures
-from tasks.progress import ProgressLine, task_name
+from tasks.progress import ProgressLine
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class StageTask(luigi.Task):
         if not self.progress_unit:
             return
         if getattr(self, "_progress_line", None) is None:
-            self._progress_line = ProgressLine(task_name(self), self.progress_unit)
+            self._progress_line = ProgressLine(self, self.progress_unit)
         self._progress_line(done, total)
 
 

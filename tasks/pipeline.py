@@ -16,6 +16,7 @@ from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.errors import MelsearchError
 from pipeline.layout import FIGURES_FILE, PER_MODEL_STAGES, STAGES, WorkDir, damaged_outputs, read_figures
+from pipeline.library import TRACKS_FILE
 from tasks.base import StageTask
 from tasks.dataset import Dataset
 from tasks.features import Features, features_for
@@ -285,8 +286,10 @@ def recorded_status(workdir: str, models: Sequence[str] | None = None) -> dict |
                 layout.store.download(WorkDir.figures_path(path))
             figures = read_figures(path)
             damaged = damaged_outputs(path) if layout.store is None else {}
+            # a library's features are its tracks file (tasks.library.LibraryFeatures.artifact)
+            artifact = path / TRACKS_FILE if (stage, name) == ("features", "library") else WorkDir.artifact(stage, path)
             entry = {"done": bool(figures) and not damaged, "state": "corrupt" if damaged else "done" if figures
-                     else "missing", "output": layout.location(WorkDir.artifact(stage, path))}
+                     else "missing", "output": layout.location(artifact)}
             if damaged:
                 entry["problem"] = next(iter(damaged.values()))
             if stage in PER_MODEL_STAGES:

@@ -69,9 +69,11 @@ def _stage_failed(task: luigi.Task, exception: BaseException) -> None:
 class ProgressLine:
     """Throttled ``<task>: done/total <unit> (rate, time left)`` lines for one task's progress callbacks."""
 
-    def __init__(self, name: str, unit: str) -> None:
-        self.name, self.unit = name, unit
-        self.start = self.last = time.monotonic()
+    def __init__(self, task: luigi.Task, unit: str) -> None:
+        self.name, self.unit = task_name(task), unit
+        # rates count from the task's start (its first report may come only when the work is done)
+        self.start = _started.get(task.task_id, time.monotonic())
+        self.last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()

@@ -126,6 +126,9 @@ def test_musicnn_indexes_a_library_alone(tmp_path, library):
                                             "features.duration_s=4"]
     melsearch("run", "--workdir", str(workdir), *settings)  # offline: a GTZAN download would fail the run
     first = json.loads(melsearch("status", "--json", "--workdir", str(workdir), *settings).stdout)
+    recorded = json.loads(melsearch("status", "--json", "--workdir", str(workdir)).stdout)  # no flags: the last run
+    assert all(recorded[stage]["done"] for stage in recorded)
+    assert recorded["features"]["outputs"][0]["output"] == first["features"]["outputs"][0]["output"]
     assert [e["output"] for e in first["dataset"]["outputs"]] == [first["dataset"]["outputs"][0]["output"]]
     model = first["train"]["outputs"][0]
     assert model["figures"] == {"model": "musicnn", "trained": False, "labels": [], "embedding_dim": 200}
