@@ -206,6 +206,17 @@ class MusicSearch:
                 return vector
         return None
 
+    def vectors(self, track_ids: Sequence[str]) -> np.ndarray:
+        """(len(track_ids), D) float32 unit vectors of searchable songs, in ``track_ids``' order.
+
+        Raises MelsearchError naming the first unknown id.
+        """
+        found = [self._vector_of(track) for track in track_ids]
+        missing = [track for track, vector in zip(track_ids, found, strict=True) if vector is None]
+        if missing:
+            raise MelsearchError(f"{missing[0]}: unknown track id in index {self.index_dir}")
+        return np.array(found, dtype=np.float32).reshape(len(track_ids), self.meta["dim"])
+
     def _embed_file(self, path: Path) -> tuple[np.ndarray, str]:
         """(D,) float32 search vector of an audio file (as the embeddings stage makes them) and its predicted genre."""
         if not path.is_file():

@@ -280,6 +280,30 @@ def cmd_tracks(args: argparse.Namespace) -> int:
     return _print_results(args, search, search.find_tracks(args.text, limit=args.limit), table=format_tracks)
 
 
+def cmd_playlist(args: argparse.Namespace) -> int:
+    from pipeline.playlist import format_m3u, history_playlist, seed_playlist, song_path, write_m3u
+
+    if (args.start is None) != (args.end is None):
+        raise MelsearchError("a song path needs both ends: --from A --to B")
+    search = _load_search(args, model_dir=args.model_dir, device=args.device)
+    _say_index(search)
+    if args.seed is not None:
+        entries = seed_playlist(search, args.seed, args.n, exact=args.exact)
+    elif args.history is not None:
+        history = [track.strip() for track in args.history.split(",") if track.strip()]
+        entries = history_playlist(search, history, args.n, rule=args.rule, exact=args.exact)
+    else:
+        entries = song_path(search, args.start, args.end, args.n)
+    if args.out:
+        write_m3u(entries, args.out, relative=args.relative)
+        print(f"melsearch: wrote {len(entries)} songs to {args.out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif not args.out:
+        sys.stdout.write(format_m3u(entries, relative_to="." if args.relative else None))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.server import serve
 
@@ -297,6 +321,7 @@ EXAMPLES = """examples:
   melsearch query song.mp3 --top-k 5                 the 5 songs that sound most like a file
   melsearch query --track blues/song.mp3             ... or like a song of the index
   melsearch recommend --history ID,ID,ID             what to play next
+  melsearch playlist --seed song.mp3 --out mix.m3u   a playlist of a song and those like it
   melsearch run --audio-dir ~/Music --model all      train the models on your labelled folders
   melsearch status                                   what the last run built, with its figures
   melsearch COMMAND --help                           every option of a command
@@ -407,6 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
     tracks.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     _index_args(tracks, ranked=False)
     tracks.set_defaults(func=cmd_tracks)
+
+    playlist = commands.add_parser(
+        "playlist", help="an M3U playlist: a song and those like it, after a history, or a path from A to B",
+        parents=[common], description="An extended M3U playlist (#EXTINF: seconds, artist - title) of songs of the "
+        "index: a seed and the songs most like it; what to play after a listening history; or a song path of N "
+        "songs from A to B, each step close to the last and moving towards B. No song twice.")
+    kind = playlist.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--seed", metavar="SONG", help="a track id or an audio file: it, then the songs most like it")
+    kind.add_argument("--history", metavar="ID,ID,...", help="track ids listened to, oldest first: what to play next")
+    kind.add_argument("--from", dest="start", metavar="SONG", help="a song path's first song (id or indexed file)")
+    playlist.add_argument("--to", dest="end", metavar="SONG", help="a song path's last song (with --from)")
+    playlist.add_argument("--n", type=int, default=10, metavar="N", help="songs in the playlist (default: 10)")
+    playlist.add_argument("--out", type=os.path.expanduser, metavar="FILE.m3u",
+                          help="write the playlist here (default: print it)")
+    playlist.add_argument("--relative", action="store_true",
+                          help="paths relative to the playlist's folder (default: absolute)")
+    playlist.add_argument("--rule", default="merge", choices=RECOMMEND_RULES, help="--history's rule (as recommend's)")
+    playlist.add_argument("--json", action="store_true", help="print the entries as JSON")
+    playlist.add_argument("--exact", action="store_true", help="brute-force search instead of Annoy")
+    _index_args(playlist, ranked=False)
+    playlist.add_argument("--model-dir", help="embed a seed file with this model folder (default: the index's)")
+    playlist.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where a file is embedded")
+    playlist.set_defaults(func=cmd_playlist)
 
     serve = commands.add_parser("serve", help="a web page to search, listen and get recommendations",
                                 parents=[common], description="A web page to search the index, listen and get "
