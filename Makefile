@@ -32,7 +32,7 @@ demo: $(BIN)/.installed
 	$(BIN)/melsearch query --workdir $(WORKDIR)/demo $(WORKDIR)/demo-new/chime/chime.00000.flac --top-k 5
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check pipeline models tasks tests bench
+	$(BIN)/ruff check pipeline models tasks tests bench beetsplug
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -1,0 +1,110 @@
+"""melsearch as a beets plugin: ``beet melsearch`` indexes the library's songs, ``beet similar QUERY`` lists the
+items that sound most like the first item matching QUERY (never that item itself).
+
+In beets' config.yaml::
+
+    plugins: melsearch
+    melsearch:
+        workdir: ~/.local/share/melsearch-beets   # default: <beets config folder>/melsearch
+        model: musicnn                             # pretrained: needs no labelled music
+
+The library's items may live anywhere (not only under beets' ``directory``): ``beet melsearch`` keeps a folder of
+links to them, ``<workdir>/beets-items/<item id>-<file name>``, and runs melsearch's library pipeline on it (a
+song already indexed is not embedded again), so each track id names its beets item.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from beets import config
+from beets.plugins import BeetsPlugin
+from beets.ui import Subcommand, UserError, print_
+
+# under the work directory: one link per beets item
+LINKS = "beets-items"
+
+
+class MelsearchPlugin(BeetsPlugin):
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.config.add({"workdir": os.path.join(config.config_dir(), "melsearch"), "model": "musicnn"})
+
+    def commands(self) -> list[Subcommand]:
+        index = Subcommand("melsearch", help="index the library's songs for 'beet similar' (melsearch)")
+        index.func = self._index
+        similar = Subcommand("similar", help="the items that sound most like the first item matching QUERY")
+        similar.parser.add_option("-n", "--number", type="int", default=10, help="how many items (default: 10)")
+        similar.func = self._similar
+        return [index, similar]
+
+    def _workdir(self) -> Path:
+        return Path(self.config["workdir"].as_filename())
+
+    def _index(self, lib, _opts, args: list[str]) -> None:
+        from pipeline.errors import MelsearchError
+        from tasks.config import configure, model_names, settings_from_flags
+        from tasks.pipeline import run_pipeline
+
+        workdir = self._workdir()
+        items = list(lib.items(args))
+        if not items:
+            raise UserError("melsearch: no items to index")
+        links = sync_links(workdir / LINKS, [(item.id, os.fsdecode(item.path)) for item in items])
+        try:
+            configure(settings_from_flags({"model": self.config["model"].as_str()}))
+            run_pipeline(workdir=str(workdir), library=str(links), models=model_names())
+        except MelsearchError as exc:
+            raise UserError(f"melsearch: {exc}") from exc
+        print_(f"melsearch: {len(items)} items indexed in {workdir}")
+
+    def _similar(self, lib, opts, args: list[str]) -> None:
+        from pipeline.errors import MelsearchError
+        from pipeline.query import MusicSearch
+
+        if opts.number < 1:
+            raise UserError("melsearch: -n must be at least 1")
+        seed = lib.items(args).get()
+        if seed is None:
+            raise UserError(f"melsearch: no item matches {' '.join(args)!r}")
+        try:
+            search = MusicSearch.load(self._workdir(), model=self.config["model"].as_str())
+            track_of = {item_id_of(row["track_id"]): row["track_id"] for row in search.tracks()}
+            if seed.id not in track_of:
+                raise UserError(f"melsearch: {format(seed)} is not indexed yet: run 'beet melsearch'")
+            shown = 0
+            # ask for a few more: items removed from beets since indexing are skipped
+            for hit in search.query_track(track_of[seed.id], top_k=opts.number + 10):
+                item = lib.get_item(item_id_of(hit["track_id"]))
+                if item is None or item.id == seed.id:
+                    continue
+                print_(format(item))
+                shown += 1
+                if shown == opts.number:
+                    break
+        except MelsearchError as exc:
+            raise UserError(f"melsearch: {exc}") from exc
+
+
+def item_id_of(track_id: str) -> int | None:
+    """The beets item id a track id of the links folder names (``12-song.mp3`` -> 12), None for another id."""
+    head, _, _ = Path(track_id).name.partition("-")
+    return int(head) if head.isdigit() else None
+
+
+def sync_links(folder: Path, items: list[tuple[int, str]]) -> Path:
+    """Make ``folder`` hold exactly one link ``<id>-<file name>`` to each ``(item id, path)``; return it.
+
+    Links that name the same file stay untouched (the pipeline then knows every song); links of items removed,
+    moved or renamed since go.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{item_id}-{os.path.basename(path)}": path for item_id, path in items}
+    for entry in os.scandir(folder):
+        if entry.name not in wanted or not entry.is_symlink() or os.readlink(entry.path) != wanted[entry.name]:
+            os.unlink(entry.path)
+    for name, path in wanted.items():
+        if not os.path.lexists(folder / name):
+            os.symlink(path, folder / name)
+    return folder

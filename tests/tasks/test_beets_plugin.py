@@ -1,0 +1,92 @@
+"""The beets plugin against a real beets library in a temporary BEETSDIR: ``beet import -A`` of tagged songs that
+live outside beets' directory, ``beet melsearch`` (musicnn), ``beet similar QUERY`` in beets' own format, never the
+seed; a removed item is never listed after the next ``beet melsearch``; errors are beets' one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.synth import write_synthetic_dataset
+
+pytest.importorskip("beets")
+BEET = Path(sys.executable).with_name("beet")
+
+
+@pytest.fixture(scope="module")
+def beets(tmp_path_factory) -> dict:
+    """A beets library of 10 tagged 4-s FLAC songs ("Song 0".."Song 9", artist "Artist <sound>"), imported as
+    they are (-A: no autotagging, no network), with melsearch configured; its environment and files."""
+    from mutagen.flac import FLAC
+
+    if not BEET.is_file():
+        pytest.skip(f"no beet command beside {sys.executable}")
+    root = tmp_path_factory.mktemp("beets")
+    paths = write_synthetic_dataset(root / "music", n_per_class=2, seconds=4.0, n_classes=5, seed=4, fmt="flac")
+    for i, path in enumerate(sorted(paths)):
+        tags = FLAC(path)
+        tags["title"], tags["artist"], tags["album"] = f"Song {i}", f"Artist {path.parent.name}", "Synth"
+        tags.save()
+    config = root / "beetsdir"
+    config.mkdir()
+    (config / "config.yaml").write_text(f"""\
+directory: {root / "library"}
+library: {config / "library.db"}
+import: {{copy: no, write: no, autotag: no}}
+plugins: melsearch
+melsearch: {{workdir: {root / "work"}, model: musicnn}}
+""")
+    env = {**os.environ, "BEETSDIR": str(config), "HOME": str(root), "TQDM_DISABLE": "1"}
+    found = beet(env, "import", "-A", "-q", str(root / "music"))
+    assert found.returncode == 0, found.stderr
+    return {"env": env, "root": root}
+
+
+def beet(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BEET), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def lines(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_similar_lists_the_items_most_like_the_first_match_never_itself(beets):
+    env = beets["env"]
+    items = lines(beet(env, "ls"))
+    assert len(items) == 10
+    indexed = lines(beet(env, "melsearch"))
+    assert indexed[-1].startswith("melsearch: 10 items indexed")
+    similar = lines(beet(env, "similar", "title:Song 3"))
+    seed = next(item for item in items if item.endswith(" - Song 3"))
+    assert len(similar) == 9 and len(set(similar)) == 9  # the default 10, and the library has 9 others
+    assert seed not in similar and set(similar) <= set(items)  # beets' own format: `beet ls` lines
+    assert lines(beet(env, "similar", "-n", "5", "title:Song 3")) == similar[:5]
+
+
+def test_a_removed_item_is_never_listed(beets):
+    env = beets["env"]
+    lines(beet(env, "melsearch"))
+    nearest = lines(beet(env, "similar", "-n", "1", "title:Song 6"))[0]
+    title = nearest.rsplit(" - ", 1)[1]
+    lines(beet(env, "remove", "-f", f"title:{title}"))
+    assert nearest not in lines(beet(env, "similar", "title:Song 6"))  # before re-indexing: skipped
+    lines(beet(env, "melsearch"))
+    assert len(list((beets["root"] / "work" / "beets-items").iterdir())) == 9
+    after = lines(beet(env, "similar", "title:Song 6"))
+    assert nearest not in after and len(after) == 8
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["similar", "title:Nothing like it"], "no item matches"),
+    (["similar", "-n", "0", "title:Song 1"], "-n must be at least 1"),
+])
+def test_errors_are_one_line(beets, args, message):
+    result = beet(beets["env"], *args)
+    errors = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(errors) == 1
+    assert errors[0].startswith("error: melsearch: ") and message in errors[0]
