@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.musicnn import MUSICNN_MEL, load_pretrained_musicnn
+from models.musicnn import MUSICNN_MEL, load_musicnn_tags, load_pretrained_musicnn
 
 # The backbone outputs a head can sit on, and their sizes (models.musicnn.MusicnnNet.features).
 VECTORS = {"penultimate": 200, "max_pool": 753, "mean_pool": 753, "pooled": 1506, "taggram": 50}
@@ -67,6 +67,7 @@ class MusicnnGenre(nn.Module):
         self.backbone.requires_grad_(cfg.finetune)
         self.frozen_backbone = not cfg.finetune
         self.embedding_dim = VECTORS[cfg.vector]
+        self.tag_names = load_musicnn_tags()  # the backbone's taggram columns, whatever ``vector`` is
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embedding_dim, n_classes)) if n_classes \
             else _NoLabels()
 
@@ -76,12 +77,19 @@ class MusicnnGenre(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its MSD batch-norm statistics and no dropout
         return self
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 96, T) -> (B, embedding_dim): the backbone's ``vector`` output (ReLU/batch-normed, or tags)."""
+    def embed_and_tag(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, 96, T) -> :meth:`embed`'s (B, embedding_dim) and the (B, 50) MSD tag probabilities (the
+        backbone's taggram, in the order of ``tag_names``), from one pass through the backbone."""
         features = self.backbone.features(x)
         if self.config.vector == "pooled":
-            return torch.cat([features["max_pool"], features["mean_pool"]], dim=1)  # (B, 1506)
-        return features[self.config.vector]
+            embedding = torch.cat([features["max_pool"], features["mean_pool"]], dim=1)  # (B, 1506)
+        else:
+            embedding = features[self.config.vector]
+        return embedding, features["taggram"]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 96, T) -> (B, embedding_dim): the backbone's ``vector`` output (ReLU/batch-normed, or tags)."""
+        return self.embed_and_tag(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, 96, T) -> (B, n_classes) genre logits."""

@@ -44,6 +44,8 @@ class GenreClassifier:
     embedding_center : (D,) float32, the mean train-track embedding that search vectors are centred on.
     model_name : ``"cifar10"`` or ``"resnet_v2"``.
     crop_frames : frames per crop the outputs are averaged over.
+    tag_names : the names of a tagging model's tags (musicnn's 50 MSD tags), in the order of
+        :meth:`embed_predict_and_tag`'s tag probabilities; empty for a model without tags.
     """
 
     def __init__(self, model: torch.nn.Module, config: dict, model_dir: Path, device: torch.device) -> None:
@@ -56,6 +58,7 @@ class GenreClassifier:
         self.model_name: str = config["model"]
         self.embedding_dim: int = int(model.embedding_dim)
         self.crop_frames = int(config["crop_frames"])
+        self.tag_names: tuple[str, ...] = tuple(getattr(model, "tag_names", ()))
         self._mean = np.asarray(config["norm_mean"], dtype=np.float32)
         self._std = np.asarray(config["norm_std"], dtype=np.float32)
         center = config.get("embedding_center")
@@ -109,17 +112,28 @@ class GenreClassifier:
         return cls(model, config, model_dir, dev)
 
     def _embedding_and_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward pass: (b, 1, n_mels, crop) -> (b, D + n_classes), the penultimate layer then the logits.
+        """One forward pass: (b, 1, n_mels, crop) -> (b, D + n_classes + n_tags), the penultimate layer, the
+        logits, then a tagging model's tag probabilities.
 
-        Both models compute ``forward(x) = head(dropout(embed(x)))``; in eval mode dropout is the identity,
-        so ``head(embed(x))`` is the logits without a second pass through the network.
+        Every model computes ``forward(x) = head(dropout(embed(x)))``; in eval mode dropout is the identity,
+        so ``head(embed(x))`` is the logits without a second pass through the network. A tagging model's
+        ``embed_and_tag`` gives its tag probabilities from the same pass as its embedding.
         """
+        if self.tag_names:
+            embedding, tags = self.model.embed_and_tag(x)
+            return torch.cat([embedding, self.model.head(embedding), tags], dim=1)
         embedding = self.model.embed(x)
         return torch.cat([embedding, self.model.head(embedding)], dim=1)
 
     def embed_and_predict(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None,
                           names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """Search vectors and class probabilities of log-mels, from one forward pass over their crops.
+        """Search vectors and class probabilities of log-mels: :meth:`embed_predict_and_tag` without the tags."""
+        return self.embed_predict_and_tag(mels, n_frames=n_frames, names=names)[:2]
+
+    def embed_predict_and_tag(self, mels: np.ndarray, *, n_frames: np.ndarray | None = None,
+                              names: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Search vectors, class probabilities and tag probabilities of log-mels, from one forward pass over
+        their crops.
 
         The search vector is ``l2_normalise(e - center)``: ``e`` the penultimate layer averaged over the
         track's non-overlapping crops, ``center`` the mean ``e`` of the train-split tracks (``config.json``'s
@@ -138,6 +152,8 @@ class GenreClassifier:
         -------
         vectors : (N, D) float32, unit L2 norm (zero rows for a track exactly at the center).
         probabilities : (N, n_classes) float32, rows sum to 1, columns in the order of ``labels``.
+        tag_probabilities : (N, n_tags) float32, the crop-averaged sigmoid of a tagging model's tag logits, each
+            in [0, 1], columns in the order of ``tag_names`` (N, 0 for a model without tags).
 
         Raises
         ------
@@ -151,10 +167,12 @@ class GenreClassifier:
         n_true = np.full(len(mels), total) if n_frames is None else np.clip(np.asarray(n_frames), 1, total)
         data = torch.from_numpy(standardise(mels, self._mean, self._std))
         means = track_outputs(self._embedding_and_logits, data, n_true, crop=min(self.crop_frames, total),
-                              batch_size=_BATCH, device=self.device).cpu()  # (N, D + n_classes)
-        embedding, logits = means[:, : self.embedding_dim].numpy(), means[:, self.embedding_dim :]
+                              batch_size=_BATCH, device=self.device).cpu()  # (N, D + n_classes + n_tags)
+        n_classes = len(self.labels)
+        embedding = means[:, : self.embedding_dim].numpy()
+        logits = means[:, self.embedding_dim : self.embedding_dim + n_classes]
         vectors = l2_normalise(embedding - self.embedding_center, names=names)
-        return vectors, torch.softmax(logits, dim=1).numpy()
+        return vectors, torch.softmax(logits, dim=1).numpy(), means[:, self.embedding_dim + n_classes :].numpy()
 
     def embed_and_predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`embed_and_predict` of one audio file, decoded with the model's log-mel settings.
@@ -173,8 +191,11 @@ class GenreClassifier:
                                  f"that model {self.model_dir} was trained on")
 
     def embeddings_metadata(self) -> dict[str, str]:
-        """What an embeddings file records of the model that made it: ``model``, ``model_key``, ``feature_key``."""
-        return {"model": self.model_name, "model_key": self.model_dir.resolve().name, "feature_key": self.feature_key}
+        """What an embeddings file records of the model that made it: ``model``, ``model_key``, ``feature_key``,
+        and for a tagging model ``tags`` (its tag names as a JSON list)."""
+        tags = {"tags": json.dumps(list(self.tag_names))} if self.tag_names else {}
+        return {"model": self.model_name, "model_key": self.model_dir.resolve().name, "feature_key": self.feature_key,
+                **tags}
 
     def labels_of(self, probabilities: np.ndarray) -> list[str]:
         """The most probable label of each row of (N, n_classes) probabilities; ``""`` each for a model without

@@ -23,6 +23,7 @@ from pipeline.audio import AUDIO_EXTENSIONS, is_audio_path, probe_audio
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
 from pipeline.manifest import path_to_text, readable_name, write_manifest
+from pipeline.tags import NAME_COLUMNS, read_file_tags
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +218,20 @@ def _give_every_label_a_train_track(rows: list[dict]) -> None:
 
 
 def _rejected(reason: str) -> dict:
-    """The probe columns of a rejected row."""
-    return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected", "reason": readable_name(reason)}
+    """The probe columns of a rejected row (no names: a file that does not decode is not a song)."""
+    return {"duration_s": 0.0, "sample_rate": 0, "channels": 0, "status": "rejected", "reason": readable_name(reason),
+            **dict.fromkeys(NAME_COLUMNS)}
 
 
 def _probe_row(path: Path) -> dict:
+    """The probe and name columns of one file: its audio's format, and the title etc. of its tags."""
     try:
         info = probe_audio(path)
     except (MelsearchError, OSError) as exc:  # OSError: made unreadable since it was listed
         return _rejected(str(exc).removeprefix(f"{path}: ") if isinstance(exc, MelsearchError)
                          else exc.strerror or str(exc))
     return {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
-            "status": "ok", "reason": ""}
+            "status": "ok", "reason": "", **read_file_tags(path).columns()}
 
 
 def file_identity(path: str | os.PathLike) -> str:
@@ -255,8 +258,12 @@ def _read_probe_cache(path: Path | None) -> dict[str, dict]:
 
 
 def _probe_cached(paths: Sequence[Path], cache_path: Path | None, workers: int | None) -> list[dict]:
-    """:func:`_probe_row` of each path, from ``cache_path`` when it knows the file's identity; new probes added."""
-    cache = _read_probe_cache(cache_path)
+    """:func:`_probe_row` of each path, from ``cache_path`` when it knows the file's identity; new probes added.
+
+    A cache written before the name columns existed is probed again once (the names come with the probe).
+    """
+    cache = {identity: row for identity, row in _read_probe_cache(cache_path).items()
+             if all(name in row for name in NAME_COLUMNS)}
     identities = []
     for path in paths:
         try:

@@ -3,9 +3,13 @@
 The vector is :meth:`GenreClassifier.embed_and_predict`'s: the track's crop-averaged penultimate layer minus
 the model's train-track mean, scaled to unit L2 norm, the same vector ``GenreClassifier.encode`` gives.
 
-Columns ``track_id``, ``path``, ``label``, ``split``, ``predicted_label`` (strings) and ``embedding``
-(``fixed_size_list<float32>[D]``); the schema metadata names the model, its key (the model folder's name)
-and the feature key, so the index and the query helper can refuse vectors of another model. The same
+Columns ``track_id``, ``path``, ``label``, ``split``, ``predicted_label`` (strings), the song's names and
+length (``INFO_FIELDS``: ``title``, ``artist``, ``album``, ``track_number``, ``duration_s``, from the manifest),
+``tag_probabilities`` (``list<float32>``: a tagging model's mean tag probabilities, null for other models) and
+``embedding`` (``fixed_size_list<float32>[D]``); the schema metadata names the model, its key (the model folder's
+name), the feature key, so the index and the query helper can refuse vectors of another model, and, for a tagging
+model, ``tags`` (a JSON list of the tag names, in the order of the probabilities). A file written before the
+names and tags existed reads with them all null. The same
 layout serves the query helper's side table of songs added after the index was built.
 """
 
@@ -34,19 +38,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ("track_id", "path", "label", "split", "predicted_label")
+# Nullable columns after ROW_COLUMNS: the song's names and length, and its tag probabilities (TAGS_COLUMN).
+TAGS_COLUMN = "tag_probabilities"
+INFO_FIELDS = (("title", pa.string()), ("artist", pa.string()), ("album", pa.string()), ("track_number", pa.int32()),
+               ("duration_s", pa.float64()), (TAGS_COLUMN, pa.list_(pa.float32())))
+INFO_COLUMNS = tuple(name for name, _ in INFO_FIELDS)
 # Schema metadata keys (Parquet stores bytes); read back by embeddings_metadata() without the prefix.
 _META_PREFIX = "melsearch."
 
 
 def embeddings_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
     """The Parquet schema of an embeddings file with ``dim``-dimensional vectors and ``metadata`` (str -> str)."""
-    fields = [(name, pa.string()) for name in ROW_COLUMNS]
+    fields = [(name, pa.string()) for name in ROW_COLUMNS] + list(INFO_FIELDS)
     fields.append(("embedding", pa.list_(pa.float32(), dim)))
     return pa.schema(fields, metadata={f"{_META_PREFIX}{k}": str(v) for k, v in metadata.items()})
 
 
 def _record_batch(rows: Sequence[dict], vectors: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
     columns = [pa.array([str(row.get(name) or "") for row in rows], pa.string()) for name in ROW_COLUMNS]
+    columns += [pa.array([row.get(name) for row in rows], kind) for name, kind in INFO_FIELDS]
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
     columns.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
@@ -59,7 +69,8 @@ def write_embedding_rows(
 
     Parameters
     ----------
-    rows : dicts with the keys of ``ROW_COLUMNS`` (missing ones are written as "").
+    rows : dicts with the keys of ``ROW_COLUMNS`` (missing ones are written as "") and of ``INFO_COLUMNS``
+        (missing ones are null; ``tag_probabilities`` a (n_tags,) float array).
     vectors : (len(rows), D) float32, already normalised.
     metadata : schema metadata, e.g. ``{"model": ..., "model_key": ..., "feature_key": ...}``.
     """
@@ -100,7 +111,8 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[dict], np.ndarray]:
 
     Returns
     -------
-    rows : one dict per track with the keys of ``ROW_COLUMNS``, in file order.
+    rows : one dict per track with the keys of ``ROW_COLUMNS`` and ``INFO_COLUMNS`` (None where the file has
+        none), in file order; ``tag_probabilities`` a list of floats.
     vectors : (N, D) float32, unit L2 norm (zero rows for tracks the model mapped to zero).
     """
     handle = _open_parquet(path)
@@ -112,7 +124,8 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[dict], np.ndarray]:
     # flatten() honours slice offsets, unlike .values
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(table.num_rows, dim)
-    rows = table.select(list(ROW_COLUMNS)).to_pylist()
+    missing = dict.fromkeys(name for name in INFO_COLUMNS if name not in table.column_names)
+    rows = [{**row, **missing} for row in table.drop_columns(["embedding"]).to_pylist()]
     return rows, vectors
 
 
@@ -126,15 +139,16 @@ def _embedded_batches(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``batch_size`` tracks: rows of the manifest plus predicted label and unit vector."""
+    """Record batches of ``batch_size`` tracks: rows of the manifest plus predicted label, tag probabilities
+    (a tagging model's) and unit vector."""
     with tqdm(total=len(rows), desc="embeddings", unit="track", disable=None) as bar:
         for start in range(0, len(rows), batch_size):
             batch, where = rows[start : start + batch_size], positions[start : start + batch_size]
             mels, n_frames = store.read(where), store.n_frames[where]  # (b, n_mels, frames) dB, (b,)
-            vectors, probabilities = classifier.embed_and_predict(mels, n_frames=n_frames,
-                                                                  names=[r["track_id"] for r in batch])
-            batch = [{**row, "predicted_label": label}
-                     for row, label in zip(batch, classifier.labels_of(probabilities), strict=True)]
+            vectors, probabilities, tags = classifier.embed_predict_and_tag(mels, n_frames=n_frames,
+                                                                            names=[r["track_id"] for r in batch])
+            batch = [{**row, "predicted_label": label, TAGS_COLUMN: tag if classifier.tag_names else None}
+                     for row, label, tag in zip(batch, classifier.labels_of(probabilities), tags, strict=True)]
             yield _record_batch(batch, vectors, schema)
             bar.update(len(batch))
             if progress is not None:

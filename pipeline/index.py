@@ -3,9 +3,11 @@
 ``build_annoy_index`` writes one folder, atomically::
 
     index.ann           Annoy forest, memory-mapped by readers (item i = row i of ids.parquet)
-    ids.parquet         item, track_id, label, path, split, predicted_label
-    meta.json           dim, metric, n_trees, search_k, seed, count, model, model_key, feature_key,
-                        embeddings_key, figures (recall@10 vs exact search, genre precision@10)
+    ids.parquet         item, track_id, label, path, split, predicted_label, and the songs' names, lengths and
+                        tag probabilities (the embeddings file's INFO_COLUMNS)
+    meta.json           dim, metric, n_trees, search_k, seed, count, model, model_key, feature_key, tags (a
+                        tagging model's tag names, else []), embeddings_key, figures (recall@10 vs exact search,
+                        genre precision@10)
     embedding_map.png   the embeddings projected on their first two principal axes, coloured by genre
 
 Vectors are unit-norm, so Annoy's angular distance ``sqrt(2 - 2 cos)`` equals their Euclidean distance
@@ -31,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.added import AddedSongs
-from pipeline.embeddings import ROW_COLUMNS, embeddings_metadata, read_embeddings
+from pipeline.embeddings import INFO_FIELDS, ROW_COLUMNS, embeddings_metadata, read_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
 from pipeline.layout import rerun_hint
@@ -292,10 +294,13 @@ def read_index_meta(index_dir: str | os.PathLike) -> dict:
 
 
 def read_ids(index_dir: str | os.PathLike) -> list[dict]:
-    """Rows of ``ids.parquet`` (item, track_id, label, path, split, predicted_label), in item order."""
+    """Rows of ``ids.parquet`` (item, track_id, label, path, split, predicted_label and the ``INFO_FIELDS``, None
+    in an index built before they existed), in item order."""
     path = Path(index_dir) / IDS_FILE
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        missing = dict.fromkeys(name for name, _ in INFO_FIELDS if name not in table.column_names)
+        return [{**row, **missing} for row in table.to_pylist()]
     except Exception as exc:
         raise MelsearchError(f"{path}: unreadable id map ({exc}){rerun_hint(path)}") from exc
 
@@ -363,7 +368,8 @@ def build_annoy_index(
         index.unload()
         ids = pa.Table.from_pylist(
             [{"item": i, **row} for i, row in enumerate(rows)],
-            schema=pa.schema([("item", pa.int64())] + [(name, pa.string()) for name in ROW_COLUMNS]),
+            schema=pa.schema([("item", pa.int64())] + [(name, pa.string()) for name in ROW_COLUMNS]
+                             + list(INFO_FIELDS)),
         )
         pq.write_table(ids, tmp / IDS_FILE)
         model = meta.get("model", "")
@@ -379,6 +385,7 @@ def build_annoy_index(
             "model": model,
             "model_key": meta.get("model_key", ""),
             "feature_key": meta.get("feature_key", ""),
+            "tags": json.loads(meta.get("tags", "[]")),
             "embeddings_key": Path(embeddings_path).resolve().parent.name,
             "figures": figures,
         }

@@ -6,7 +6,8 @@ what they computed per file version (:func:`pipeline.dataset.file_identity`: res
 - log-mels in ``<workdir>/cache/features-<mel key>/part-<hash>.h5``, each part written by the pool worker
   that extracted its files (``mel`` (rows, n_mels, n_frames), ``identity`` and ``n_frames`` per row, and the
   files that failed with their reasons in the ``failed`` attribute, so a bad file is not decoded again);
-- vectors in ``<workdir>/cache/embeddings-<model folder>-<weights>.parquet`` (identity, predicted label, vector).
+- vectors in ``<workdir>/cache/embeddings-<model folder>-<weights>.parquet`` (identity, predicted label, a
+  tagging model's tag probabilities, vector).
 
 A library's features folder holds ``tracks.parquet``: for each track of the manifest with features, its
 identity and where its log-mel is (part file, row). The embeddings file is the usual one
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from pipeline.dataset import file_identity
-from pipeline.embeddings import read_embeddings, write_embedding_rows
+from pipeline.embeddings import TAGS_COLUMN, read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.feature_shards import write_mel_part
 from pipeline.io import atomic_path
@@ -216,7 +217,8 @@ def write_library_embeddings(
 
     Each vector is :meth:`GenreClassifier.embed_and_predict`'s, as in :func:`pipeline.embeddings.write_embeddings`;
     rows are the manifest's ``ok`` tracks with features. The cache (a Parquet embeddings file whose
-    ``track_id`` column holds file identities) is rewritten with the new vectors added. ``progress(done, total)``
+    ``track_id`` column holds file identities) is rewritten with the new vectors added; for a tagging model an
+    entry without tag probabilities (cached before they were kept) is computed again. ``progress(done, total)``
     counts the vectors computed, after each batch.
 
     Returns
@@ -234,27 +236,30 @@ def write_library_embeddings(
     if not rows:
         raise MelsearchError(f"{tracks_path}: none of the ok tracks of {manifest_path} has features")
     cached_rows, cached_vectors = read_embeddings(cache_path) if cache_path.is_file() else ([], np.zeros((0, 0)))
-    cached = {row["track_id"]: (row["predicted_label"], vector)
-              for row, vector in zip(cached_rows, cached_vectors, strict=True)}
+    cached = {row["track_id"]: (row["predicted_label"], vector, row[TAGS_COLUMN])
+              for row, vector in zip(cached_rows, cached_vectors, strict=True)
+              if row[TAGS_COLUMN] is not None or not classifier.tag_names}
     todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
                  if by_id[row["track_id"]]["identity"] not in cached}.values())
     todo.sort(key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
     done = 0
     for batch in _batches(todo, batch_size):
         mels = read_cached_mels(batch, cache_dir, cfg)
-        vectors, probabilities = classifier.embed_and_predict(mels, n_frames=np.array([r["n_frames"] for r in batch]),
-                                                              names=[r["track_id"] for r in batch])
-        for row, vector, label in zip(batch, vectors, classifier.labels_of(probabilities), strict=True):
-            cached[row["identity"]] = (label, vector)
+        vectors, probabilities, tags = classifier.embed_predict_and_tag(
+            mels, n_frames=np.array([r["n_frames"] for r in batch]), names=[r["track_id"] for r in batch])
+        for row, vector, label, tag in zip(batch, vectors, classifier.labels_of(probabilities), tags, strict=True):
+            cached[row["identity"]] = (label, vector, tag if classifier.tag_names else None)
         done += len(batch)
         if progress is not None:
             progress(done, len(todo))
     metadata = classifier.embeddings_metadata()
     if todo:
         keys = sorted(cached)
-        write_embedding_rows([{"track_id": key, "predicted_label": cached[key][0]} for key in keys],
+        write_embedding_rows([{"track_id": key, "predicted_label": cached[key][0], TAGS_COLUMN: cached[key][2]}
+                              for key in keys],
                              np.stack([cached[key][1] for key in keys]), cache_path, metadata=metadata)
-    out_rows = [{**row, "predicted_label": cached[by_id[row["track_id"]]["identity"]][0]} for row in rows]
+    out_rows = [{**row, "predicted_label": entry[0], TAGS_COLUMN: entry[2]}
+                for row in rows for entry in [cached[by_id[row["track_id"]]["identity"]]]]
     vectors = np.stack([cached[by_id[row["track_id"]]["identity"]][1] for row in rows])
     write_embedding_rows(out_rows, vectors, out_path, metadata=metadata)
     log.info("embedded %d library tracks with %s: %d computed, %d reused", len(rows), model_dir.name, len(todo),

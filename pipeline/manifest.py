@@ -5,7 +5,9 @@ Columns: ``track_id`` (stable id: ``blues.00012`` for GTZAN, the relative path o
 file has no label folder), ``split`` (``train``/``valid``/``test``/``excluded``), ``duration_s`` (seconds),
 ``sample_rate`` (Hz), ``channels``, ``status`` (``ok`` or ``rejected``) and ``reason`` (why it was rejected: the
 decoder's message, or why the entry could not be read; "" when ok). A rejected row may name a folder that could
-not be listed, or a link to a folder listed already.
+not be listed, or a link to a folder listed already. The file's own tags (:func:`pipeline.tags.read_file_tags`)
+give ``title`` (the file name without extension when untagged), ``artist``, ``album`` and ``track_number``, null
+when absent (and in a rejected row); a manifest written before they existed reads as if all were null.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("channels", pa.int16()),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("title", pa.string()),
+        ("artist", pa.string()),
+        ("album", pa.string()),
+        ("track_number", pa.int32()),
     ]
 )
 SPLITS = ("train", "valid", "test")
@@ -81,7 +87,10 @@ def write_manifest(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def read_manifest(path: str | os.PathLike, *, status: str | None = None) -> list[dict]:
-    """Rows of the manifest at ``path`` as dicts, in ``track_id`` order; ``status="ok"`` keeps usable tracks."""
+    """Rows of the manifest at ``path`` as dicts, in ``track_id`` order; ``status="ok"`` keeps usable tracks.
+
+    Every row has every column of :data:`MANIFEST_SCHEMA`: those an older manifest lacks (the names) are None.
+    """
     path = Path(path)
     if not path.is_file():
         raise MelsearchError(f"{path}: no manifest here (run the dataset stage first)")
@@ -89,4 +98,5 @@ def read_manifest(path: str | os.PathLike, *, status: str | None = None) -> list
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:
         raise MelsearchError(f"{path}: unreadable manifest ({exc})") from exc
-    return [row for row in rows if status is None or row["status"] == status]
+    missing = dict.fromkeys(name for name in MANIFEST_SCHEMA.names if name not in rows[0]) if rows else {}
+    return [{**row, **missing} for row in rows if status is None or row["status"] == status]

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.added import AddedSongs
 from pipeline.audio import is_audio_path
+from pipeline.embeddings import TAGS_COLUMN
 from pipeline.errors import MelsearchError
 from pipeline.index import (
     INDEX_FILE,
@@ -37,6 +38,7 @@ from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
 from pipeline.manifest import path_from_text, path_to_text, readable_name
 from pipeline.storage import is_remote
+from pipeline.tags import NAME_COLUMNS, top_tags
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
@@ -52,7 +54,11 @@ class MusicSearch:
     """A built index (Annoy + id map + meta.json), its side table of added songs, and the model that built it.
 
     Use :meth:`load`. ``meta`` is the index's meta.json; ``index_dir`` its folder; ``model_dir`` the model
-    folder query files are embedded with (loaded on the first file query unless given to :meth:`load`).
+    folder query files are embedded with (loaded on the first file query unless given to :meth:`load`);
+    ``tag_names`` the tags its model predicts (musicnn's 50; empty for a model without tags).
+
+    Every answer names its songs as :meth:`track_info` does (``title``, ``artist``, ``album``, ``tags``, ...), and
+    every ranked answer and :meth:`find_tracks` take ``tag``: only songs whose top tags hold it.
     """
 
     def __init__(self, index_dir: Path, meta: dict, model_dir: Path, *, device: str = "cpu") -> None:
@@ -71,6 +77,8 @@ class MusicSearch:
             raise MelsearchError(f"{index_dir}: {INDEX_FILE} holds {self._annoy.get_n_items()} items, "
                                  f"the id map {len(self._items)}{rerun_hint(index_dir)}")
         self._item_of = {row["track_id"]: row["item"] for row in self._items}
+        self.tag_names: list[str] = list(meta.get("tags", []))
+        self._top_tags: dict[str, list[str]] = {}
         self._exact_vectors: np.ndarray | None = None
         self._classifier: GenreClassifier | None = None
         self._added = AddedSongs.of_index(index_dir, meta)
@@ -150,39 +158,44 @@ class MusicSearch:
     def __len__(self) -> int:
         return len(self._items) + len(self._added_rows)
 
-    def query(self, query: str | os.PathLike, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+    def query(self, query: str | os.PathLike, *, top_k: int = 10, exact: bool = False,
+              tag: str | None = None) -> list[dict]:
         """The ``top_k`` songs nearest to a track id of the index or to an audio file.
 
         A ``str`` that is a known track id is searched by its stored vector; anything else is read as an
         audio file (wav, au, mp3, flac, ogg, ...), decoded with the model's log-mel settings and embedded.
         The query track itself is never returned: not by id, not the item with the same file, not a copy
-        of the file elsewhere (same bytes and distance below ``DUPLICATE_DISTANCE``).
+        of the file elsewhere (same bytes and distance below ``DUPLICATE_DISTANCE``). With ``tag``, only songs
+        whose top tags hold it, still ``top_k`` of them when the index has that many (searched deeper as needed).
 
         Returns
         -------
-        ``[{"rank": 1.., "track_id", "label", "distance": angular (= Euclidean on unit vectors), "path"}]``,
-        nearest first (ties by track id).
+        ``[{"rank": 1.., **track_info, "label", "distance": angular (= Euclidean on unit vectors)}]``, nearest
+        first (ties by track id); :meth:`track_info` gives ``track_id``, ``path``, the names and ``tags``.
 
         Raises
         ------
         MelsearchError
-            Unknown track id (and no such file), unreadable audio file, ``top_k < 1``.
+            Unknown track id (and no such file), unreadable audio file, ``top_k < 1``, a tag the model does not
+            predict.
         """
         if isinstance(query, str) and self._vector_of(query) is not None:
-            return self.query_track(query, top_k=top_k, exact=exact)
+            return self.query_track(query, top_k=top_k, exact=exact, tag=tag)
         path = Path(query)
         if isinstance(query, str) and not path.exists() and not is_audio_path(path) and os.sep not in query:
             raise MelsearchError(f"{query}: unknown track id in index {self.index_dir} (and no such file)")
-        return self.query_file(path, top_k=top_k, exact=exact)
+        return self.query_file(path, top_k=top_k, exact=exact, tag=tag)
 
-    def query_track(self, track_id: str, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+    def query_track(self, track_id: str, *, top_k: int = 10, exact: bool = False,
+                    tag: str | None = None) -> list[dict]:
         """:meth:`query` by a track id of the index or the side table (MelsearchError when unknown)."""
         vector = self._vector_of(track_id)
         if vector is None:
             raise MelsearchError(f"{track_id}: unknown track id in index {self.index_dir}")
-        return self._search(vector, top_k, exact=exact, is_query=lambda row, _: row["track_id"] == track_id)
+        return self._search(vector, top_k, exact=exact, is_query=lambda row, _: row["track_id"] == track_id, tag=tag)
 
-    def query_file(self, path: str | os.PathLike, *, top_k: int = 10, exact: bool = False) -> list[dict]:
+    def query_file(self, path: str | os.PathLike, *, top_k: int = 10, exact: bool = False,
+                   tag: str | None = None) -> list[dict]:
         """:meth:`query` by an audio file (MelsearchError when missing or not decodable)."""
         path = Path(path)
         vector, _ = self._embed_file(path)
@@ -196,7 +209,7 @@ class MusicSearch:
             # a copy of the query's bytes elsewhere; a transcode or a near-identical song stays a result
             return distance < DUPLICATE_DISTANCE and digest(path) in (None, digest(same_file))
 
-        return self._search(vector, top_k, exact=exact, is_query=is_query)
+        return self._search(vector, top_k, exact=exact, is_query=is_query, tag=tag)
 
     def _vector_of(self, track_id: str) -> np.ndarray | None:
         if track_id in self._item_of:
@@ -233,10 +246,15 @@ class MusicSearch:
         return self._exact_vectors
 
     def _search(
-        self, vector: np.ndarray, top_k: int, *, exact: bool, is_query: Callable[[dict, float], bool]
+        self, vector: np.ndarray, top_k: int, *, exact: bool, is_query: Callable[[dict, float], bool],
+        tag: str | None = None,
     ) -> list[dict]:
         if top_k < 1:
             raise MelsearchError(f"top_k must be >= 1, got {top_k}")
+        tagged = self._tag_filter(tag)
+
+        def left_out(row: dict, distance: float) -> bool:
+            return is_query(row, distance) or not tagged(row)
         n = len(self._items)
         want = top_k + 1  # room for the query itself
         while True:
@@ -248,22 +266,61 @@ class MusicSearch:
                 ids, dists = self._annoy.get_nns_by_vector(vector, min(want, n), search_k=search_k,
                                                            include_distances=True)
                 found = list(zip(ids, dists, strict=True))
-            hits = [(d, self._items[i]) for i, d in found if not is_query(self._items[i], d)]
-            # several copies of the query's audio can fill the list: ask for more until top_k remain
+            hits = [(d, self._items[i]) for i, d in found if not left_out(self._items[i], d)]
+            # copies of the query's audio, or songs without the tag, can fill the list: ask for more until top_k remain
             if len(hits) >= top_k or want >= n:
                 break
             want *= 2
         if self._added_rows:
             added = exact_neighbours(self._added_vectors, vector[None], len(self._added_rows))
             for i, d in zip(added[0][0].tolist(), added[1][0].tolist(), strict=True):
-                if not is_query(self._added_rows[i], d):
+                if not left_out(self._added_rows[i], d):
                     hits.append((d, self._added_rows[i]))
         hits.sort(key=lambda hit: (hit[0], hit[1]["track_id"]))
-        return [
-            {"rank": rank, "track_id": row["track_id"], "label": row["label"], "distance": round(float(d), 6),
-             "path": row["path"]}
-            for rank, (d, row) in enumerate(hits[:top_k], start=1)
-        ]
+        return [{"rank": rank, **self._info(row), "label": row["label"], "distance": round(float(d), 6)}
+                for rank, (d, row) in enumerate(hits[:top_k], start=1)]
+
+    def _tags_of(self, row: dict) -> list[str]:
+        """The song's top tags (:func:`pipeline.tags.top_tags`), worked out once per song."""
+        tags = self._top_tags.get(row["track_id"])
+        if tags is None:
+            tags = self._top_tags[row["track_id"]] = top_tags(row.get(TAGS_COLUMN), self.tag_names)
+        return tags
+
+    def _info(self, row: dict) -> dict:
+        """What every answer says of a song of the id table or the side table (:meth:`track_info`)."""
+        return {"track_id": row["track_id"], "path": row["path"], **{name: row.get(name) for name in NAME_COLUMNS},
+                "duration_s": row.get("duration_s"), "tags": self._tags_of(row)}
+
+    def track_info(self, track_id: str) -> dict:
+        """A searchable song's ``track_id``, ``path``, ``title``, ``artist``, ``album``, ``track_number``,
+        ``duration_s`` (seconds) and ``tags`` (its top tags, most probable first; [] when the model has none).
+
+        The names come from the file's tags (:func:`pipeline.tags.read_file_tags`): ``title`` falls back to the file
+        name, the others are None when untagged (and all are None in an index built before names were kept).
+        Raises MelsearchError for an unknown track id.
+        """
+        if track_id in self._item_of:
+            return self._info(self._items[self._item_of[track_id]])
+        for row in self._added_rows:
+            if row["track_id"] == track_id:
+                return self._info(row)
+        raise MelsearchError(f"{track_id}: unknown track id in index {self.index_dir}")
+
+    def _tag_filter(self, tag: str | None) -> Callable[[dict], bool]:
+        """Whether a song's top tags hold ``tag`` (any case); every song when ``tag`` is None.
+
+        Raises MelsearchError when the index's model predicts no tags, or not this one.
+        """
+        if tag is None:
+            return lambda _row: True
+        if not self.tag_names:
+            raise MelsearchError(f"index {self.index_dir} has no tags: its model {self.meta['model_key']} predicts "
+                                 "none (index with --model musicnn for tags)")
+        wanted = next((name for name in self.tag_names if name.lower() == tag.strip().lower()), None)
+        if wanted is None:
+            raise MelsearchError(f"unknown tag {tag!r} (the model's tags: {', '.join(self.tag_names)})")
+        return lambda row: wanted in self._tags_of(row)
 
     def index_audio(self, path: str | os.PathLike, *, label: str = "") -> str:
         """Add a song to the side table searched with the index; return its track id.
@@ -287,21 +344,23 @@ class MusicSearch:
         return track_id
 
     def tracks(self) -> list[dict]:
-        """Every searchable song, indexed ones first: ``[{"track_id", "label", "path"}]`` (the id table's values)."""
-        return [{"track_id": row["track_id"], "label": row["label"], "path": row["path"]}
-                for row in [*self._items, *self._added_rows]]
+        """Every searchable song, indexed ones first: ``[{**track_info, "label"}]`` (:meth:`track_info`)."""
+        return [{**self._info(row), "label": row["label"]} for row in [*self._items, *self._added_rows]]
 
-    def find_tracks(self, text: str = "", *, limit: int | None = None) -> list[dict]:
-        """The songs of :meth:`tracks` whose id or file name holds ``text`` (any case), at most ``limit``.
+    def find_tracks(self, text: str = "", *, limit: int | None = None, tag: str | None = None) -> list[dict]:
+        """The songs of :meth:`tracks` whose id, file name, title, artist or album holds ``text`` (any case), at
+        most ``limit``; with ``tag``, only those whose top tags hold it.
 
-        Those whose id or file name starts with it come first, then the others, each in the index's order.
+        Those with a field that starts with it come first, then the others, each in the index's order.
         """
         text = text.strip().lower()
+        tagged = self._tag_filter(tag)
         first, then = [], []
         for row in self.tracks():
-            track, name = row["track_id"].lower(), Path(row["path"]).name.lower()
-            if text in track or text in name:
-                (first if track.startswith(text) or name.startswith(text) else then).append(row)
+            fields = [row["track_id"], Path(row["path"]).name, row["title"], row["artist"], row["album"]]
+            fields = [field.lower() for field in fields if field]
+            if any(text in field for field in fields) and tagged(row):
+                (first if any(field.startswith(text) for field in fields) else then).append(row)
         return (first + then)[:limit]
 
     def recommend(
@@ -312,6 +371,7 @@ class MusicSearch:
         rule: str = "merge",
         window: int | None = None,
         exact: bool = False,
+        tag: str | None = None,
     ) -> list[dict]:
         """Songs to play next after a listening history: neighbours of its last songs, never one of the history.
 
@@ -329,9 +389,11 @@ class MusicSearch:
             The neighbours of the L2-normalised mean of the history's vectors (one search): best for a
             history of one taste, where it favours songs close to all of it over songs close to one.
 
+        With ``tag``, only songs whose top tags hold it.
+
         Returns
         -------
-        :meth:`query`'s list: ``[{"rank", "track_id", "label", "distance", "path"}]``, ``distance`` to the
+        :meth:`query`'s list (``rank``, the song's :meth:`track_info`, ``label``, ``distance``), ``distance`` to the
         nearest history song (merge) or to the centroid.
 
         Raises
@@ -362,12 +424,12 @@ class MusicSearch:
             norm = float(np.linalg.norm(mean))
             if norm < 1e-6:  # opposite songs cancel out: no direction to search in
                 raise MelsearchError(f"the history's songs cancel out (mean vector ~0): use rule 'merge' for {seeds}")
-            return self._search(mean / norm, top_k, exact=exact, is_query=in_history)
+            return self._search(mean / norm, top_k, exact=exact, is_query=in_history, tag=tag)
         per_song = max(PER_SONG, -(-top_k // len(seeds)))
         while True:
             best: dict[str, dict] = {}
             for track in seeds:
-                for hit in self._search(self._vector_of(track), per_song, exact=exact, is_query=in_history):
+                for hit in self._search(self._vector_of(track), per_song, exact=exact, is_query=in_history, tag=tag):
                     if hit["track_id"] not in best or hit["distance"] < best[hit["track_id"]]["distance"]:
                         best[hit["track_id"]] = hit
             # songs near several seeds come once: widen until top_k remain (or the index is exhausted)

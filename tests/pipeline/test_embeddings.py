@@ -129,8 +129,8 @@ def test_failure_midway_leaves_no_file(tiny, tmp_path, monkeypatch):
             raise RuntimeError("out of memory")
         return real(self, mels, **kwargs)
 
-    real = GenreClassifier.embed_and_predict
-    monkeypatch.setattr(GenreClassifier, "embed_and_predict", flaky)
+    real = GenreClassifier.embed_predict_and_tag
+    monkeypatch.setattr(GenreClassifier, "embed_predict_and_tag", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
         write_embeddings(manifest, features, model_dir, tmp_path / "e.parquet", batch_size=4, row_group_size=4)
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.embeddings import read_embeddings, write_embedding_rows
+from pipeline.embeddings import INFO_COLUMNS, read_embeddings, write_embedding_rows
 from pipeline.errors import MelsearchError
 from pipeline.index import (
     AUTO,
@@ -203,7 +203,7 @@ def test_embeddings_roundtrip_keeps_rows_and_vectors(tmp_path, rng):
     vectors, genre = clustered(rng, 40, 8, 2, 0.5)
     rows = write_vectors(tmp_path / "e.parquet", vectors, genre)
     back_rows, back = read_embeddings(tmp_path / "e.parquet")
-    assert back_rows == rows
+    assert back_rows == [{**row, **dict.fromkeys(INFO_COLUMNS)} for row in rows]  # names and tags not given: null
     assert back.dtype == np.float32 and back.shape == (40, 8)
     np.testing.assert_array_equal(back, vectors)
     assert pq.read_schema(tmp_path / "e.parquet").field("embedding").type.list_size == 8

@@ -77,7 +77,9 @@ def test_query_by_track_id(workdir):
     results = search.query(track, top_k=5)
     assert len(results) == 5 and track not in [r["track_id"] for r in results]
     for r in results:
-        assert set(r) == {"rank", "track_id", "label", "distance", "path"}
+        assert set(r) == {"rank", "track_id", "label", "distance", "path", "title", "artist", "album", "track_number",
+                          "duration_s", "tags"}
+        assert r["title"] == Path(r["path"]).stem and r["artist"] is None and r["tags"] == []  # untagged; cifar10
         assert (r["label"], r["path"]) == (items[r["track_id"]]["label"], items[r["track_id"]]["path"])
     assert [r["track_id"] for r in results] == [r["track_id"] for r in search.query(track, top_k=5, exact=True)]
     # its own audio file gives (nearly) the same neighbours as its stored vector
