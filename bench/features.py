@@ -63,11 +63,11 @@ def bare_costs(clips: list[Path]) -> dict:
 
     from pipeline.audio import load_audio
     from pipeline.mel import MelConfig, extract_log_mel
-    from pipeline.parallel import _keep_freed_memory
+    from pipeline.runtime import keep_freed_memory
 
     cfg = MelConfig()
     threadpool_limits(limits=1)
-    _keep_freed_memory()
+    keep_freed_memory()
     decode = ours = theirs = 0.0
     warm_up = np.zeros(cfg.n_samples, np.float32)  # the filterbank, librosa's lazy imports: once per process
     extract_log_mel(warm_up, cfg)

@@ -20,16 +20,16 @@ import torch
 
 from models import build_model
 from pipeline.errors import MelsearchError
-from pipeline.inference import load_checkpoint, resolve_device, standardise, track_outputs
+from pipeline.inference import crops_per_pass, load_checkpoint, resolve_device, standardise, track_outputs
 from pipeline.layout import rerun_hint
 from pipeline.mel import MelConfig, log_mel_for_file
+from pipeline.runtime import keep_freed_memory
 from pipeline.vectors import l2_normalise
 
 log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = ("model", "model_kwargs", "labels", "crop_frames", "norm_mean", "norm_std", "mel_config",
                 "feature_key")
-_BATCH = 64  # crops per forward pass
 
 
 class GenreClassifier:
@@ -58,6 +58,7 @@ class GenreClassifier:
         self.model_name: str = config["model"]
         self.embedding_dim: int = int(model.embedding_dim)
         self.crop_frames = int(config["crop_frames"])
+        self._crops_per_pass: dict[int, int] = {}  # crop frames -> crops per forward pass
         self.tag_names: tuple[str, ...] = tuple(getattr(model, "tag_names", ()))
         self._mean = np.asarray(config["norm_mean"], dtype=np.float32)
         self._std = np.asarray(config["norm_std"], dtype=np.float32)
@@ -93,6 +94,7 @@ class GenreClassifier:
         if missing:
             raise MelsearchError(f"{config_path}: not a model config (missing {', '.join(missing)})")
         dev = resolve_device(device)
+        keep_freed_memory()
         mel_config = MelConfig.from_dict(config["mel_config"])
         model = build_model(config["model"], n_classes=len(config["labels"]), n_mels=mel_config.n_mels,
                             **config["model_kwargs"])
@@ -166,8 +168,13 @@ class GenreClassifier:
         total = mels.shape[2]
         n_true = np.full(len(mels), total) if n_frames is None else np.clip(np.asarray(n_frames), 1, total)
         data = torch.from_numpy(standardise(mels, self._mean, self._std))
-        means = track_outputs(self._embedding_and_logits, data, n_true, crop=min(self.crop_frames, total),
-                              batch_size=_BATCH, device=self.device).cpu()  # (N, D + n_classes + n_tags)
+        crop = min(self.crop_frames, total)
+        if crop not in self._crops_per_pass:
+            self._crops_per_pass[crop] = crops_per_pass(self._embedding_and_logits, self.model,
+                                                        (1, self.mel_config.n_mels, crop), self.device)
+        per_pass = self._crops_per_pass[crop]
+        means = track_outputs(self._embedding_and_logits, data, n_true, crop=crop, batch_size=per_pass,
+                              device=self.device).cpu()  # (N, D + n_classes + n_tags)
         n_classes = len(self.labels)
         embedding = means[:, : self.embedding_dim].numpy()
         logits = means[:, self.embedding_dim : self.embedding_dim + n_classes]

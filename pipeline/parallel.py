@@ -13,7 +13,6 @@ alive until :func:`shutdown_shared_pool` (or the interpreter's exit). Its worker
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.util
@@ -26,10 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 from threadpoolctl import threadpool_limits
 
-log = logging.getLogger(__name__)
+from pipeline.runtime import keep_freed_memory
 
-# mallopt parameters from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+log = logging.getLogger(__name__)
 
 _pool: ProcessPoolExecutor | None = None
 _pool_key: tuple[int, int, str] | None = None  # (owner pid, workers, start method)
@@ -98,25 +96,10 @@ def _init_worker(owner_pid: int) -> None:
     """Pool initializer: one BLAS thread, leave Ctrl-C to the parent, reuse freed memory, die with the parent."""
     threadpool_limits(limits=1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _keep_freed_memory()
+    keep_freed_memory()  # each clip's few MB of arrays, freed and faulted in again, cost a fifth of its CPU
     # A SIGKILLed owner cannot stop its pool, and an idle worker would wait on its queue forever. Our parent is
     # the forkserver (which outlives the owner while any process forked from the owner lives) or the owner.
     threading.Thread(target=_exit_with_owner, args=(owner_pid, os.getppid()), daemon=True).start()
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed arrays rather than hand them back to the kernel after every clip.
-
-    Each clip allocates and frees a few MB of arrays; by default glibc unmaps or trims them and the next
-    clip page-faults them back in, which costs a fifth of the CPU time. A pool worker is ours to tune;
-    it then keeps at most its high-water mark. A no-op where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling on 64-bit; larger arrays are still mapped
-    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _exit_with_owner(owner_pid: int, parent_pid: int) -> None:

@@ -39,6 +39,7 @@ from pipeline.errors import MelsearchError
 from pipeline.evaluate import classification_metrics, plot_confusion, plot_curves, write_history
 from pipeline.inference import load_checkpoint, resolve_device
 from pipeline.io import atomic_path, write_json_atomic
+from pipeline.runtime import keep_freed_memory
 from pipeline.train_config import TrainConfig
 from pipeline.training_data import TrainingData
 
@@ -181,9 +182,11 @@ def train_model(features_path: str | os.PathLike, manifest_path: str | os.PathLi
 
 
 def _set_up_device(device: str) -> torch.device:
-    """The torch device, with every allowed CPU core for CPU training and cuDNN autotuning on CUDA."""
+    """The torch device, with every allowed CPU core and freed memory kept for CPU training (see
+    :mod:`pipeline.runtime`), and cuDNN autotuning on CUDA."""
     dev = resolve_device(device)
     if dev.type == "cpu":
+        keep_freed_memory()
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     else:
         torch.backends.cudnn.benchmark = True  # every batch has the same shape
