@@ -118,14 +118,29 @@ def song_path(search: MusicSearch, start: str | os.PathLike, end: str | os.PathL
             cost = (np.linalg.norm(vectors - target, axis=1)
                     + step_weight * np.linalg.norm(vectors - vectors[previous], axis=1))
             best = int(np.argmin(np.where(candidates, cost, np.inf)))
-            if Path(path_from_text(rows[best]["path"])).is_file():
+            if _file_there(rows[best], "path"):
                 break
-            log.warning("%s: its file %s is gone; left out of the path", ids[best], rows[best]["path"])
             usable[best] = False
         take(best)
     order.append(last)
     return [_entry(search, rows[i], float(np.linalg.norm(vectors[i] - vectors[j])) if k else 0.0)
             for k, (i, j) in enumerate(zip(order, [first, *order[:-1]], strict=True))]
+
+
+def track_entries(search: MusicSearch, track_ids: Sequence[str]) -> list[dict]:
+    """The entries of ``track_ids`` in their order, each song once; a song whose file is gone is left out (logged).
+
+    Raises MelsearchError naming the first unknown id.
+    """
+    by_id = {row["track_id"]: row for row in search.tracks()}
+    unknown = [track for track in track_ids if track not in by_id]
+    if unknown:
+        raise MelsearchError(f"{unknown[0]}: unknown track id in index {search.index_dir}")
+    entries = []
+    for track in dict.fromkeys(track_ids):
+        if _file_there(by_id[track]):
+            entries.append(_entry(search, by_id[track]))
+    return entries
 
 
 def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -143,6 +158,14 @@ def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 def _check_n(n: int, least: int, what: str = "a playlist") -> None:
     if n < least:
         raise MelsearchError(f"{what} of {n} songs: give --n {least} or more")
+
+
+def _file_there(row: dict, what: str = "playlist") -> bool:
+    """Whether the song's file is still there (a warning when not: it is left out of the ``what``)."""
+    if Path(path_from_text(row["path"])).is_file():
+        return True
+    log.warning("%s: its file %s is gone; left out of the %s", row["track_id"], row["path"], what)
+    return False
 
 
 def _check_file(row: dict) -> None:
@@ -198,8 +221,7 @@ def _distinct(search: MusicSearch, pick: Callable[[int], list[dict]], n: int, *,
                 break
             if any(np.linalg.norm(vector - other) < DUPLICATE_DISTANCE for other in kept_vectors):
                 continue
-            if not Path(path_from_text(hit["path"])).is_file():
-                log.warning("%s: its file %s is gone; left out of the playlist", hit["track_id"], hit["path"])
+            if not _file_there(hit):
                 continue
             kept.append(_entry(search, hit, hit["distance"]))
             kept_vectors.append(vector)

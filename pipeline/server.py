@@ -7,13 +7,17 @@ Endpoints (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status
     GET  /api/query?track=ID&k=N         neighbours of an indexed song, never the song itself
     POST /api/query?k=N                  neighbours of an uploaded audio file (multipart field "file")
     GET  /api/recommend?history=A,B&k=N  what to play after a history (oldest first; &rule=merge|centroid)
-    GET  /api/tracks?q=TEXT              indexed songs whose id or file name holds TEXT (for the search box)
+    GET  /api/tracks?q=TEXT              indexed songs whose id, file name, title, artist or album holds TEXT
+    GET  /api/playlist.m3u?track=A&track=B  those songs as an extended M3U download (their paths on the server)
     GET  /api/model                      the index's figures (meta.json) and the model's metrics.json
     GET  /figures/NAME                   embedding_map.png of the index, curves.png and confusion.png of the model
     GET  /audio?track=ID                 the song's audio file, with HTTP Range (the player seeks)
 
-Results are ``[{"rank", "track_id", "label", "distance"}]``. ``/audio`` serves only files that the index's id
-table names, found by track id; nothing of the request becomes a path.
+Results are ``[{"rank", "track_id", "name", "title", "artist", "album", "track_number", "duration_s", "tags",
+"label", "distance"}]`` (``name``: "artist - title", :func:`pipeline.tags.display_name`; ``tags``: the song's top
+tags, [] when the model has none); ``/api/tracks`` gives the same without rank and distance. ``&tag=TAG`` on
+query, recommend and tracks keeps only songs whose top tags hold TAG. ``/audio`` serves only files that the
+index's id table names, found by track id; nothing of the request becomes a path.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from pipeline.audio import is_audio_path
 from pipeline.errors import MelsearchError, UndecodableAudioError
 from pipeline.index import MAP_FILE
 from pipeline.manifest import path_from_text
+from pipeline.playlist import format_m3u, track_entries
 from pipeline.query import RECOMMEND_RULES, MusicSearch
+from pipeline.tags import display_name
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +210,18 @@ def _looks_like_track_id(track: str) -> bool:
     return ".." not in PurePosixPath(track).parts
 
 
+# What the page sees of a song: its names and tags, not where the server keeps it
+_SONG_FIELDS = ("track_id", "title", "artist", "album", "track_number", "duration_s", "tags", "label")
+
+
+def _song(row: dict) -> dict:
+    """The public fields of a song of :meth:`MusicSearch.tracks` or a result, with its display ``name``."""
+    return {"track_id": row["track_id"], "name": display_name(row), **{key: row[key] for key in _SONG_FIELDS}}
+
+
 def _results(hits: list[dict]) -> list[dict]:
     """The public fields of query results (the server's file paths stay on the server)."""
-    return [{key: hit[key] for key in ("rank", "track_id", "label", "distance")} for hit in hits]
+    return [{"rank": hit["rank"], **_song(hit), "distance": hit["distance"]} for hit in hits]
 
 
 def _read_metrics(search: MusicSearch) -> dict | None:
@@ -268,15 +283,16 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
 
     @app.get("/api/query")
-    def query_track(track: str | None = None, k: int = k_param) -> list[dict]:
+    def query_track(track: str | None = None, k: int = k_param, tag: str | None = None) -> list[dict]:
         if not track:
             raise HTTPError(400, "give a track id (?track=ID) or POST an audio file")
         if track not in files.by_id:
             raise HTTPError(404, f"{_shown(track)}: unknown track id")
-        return _results(search.query_track(track, top_k=k))
+        return _results(search.query_track(track, top_k=k, tag=tag))
 
     @app.post("/api/query")
-    def query_upload(file: UploadFile | None = File(None), k: int = k_param) -> list[dict]:  # noqa: B008
+    def query_upload(file: UploadFile | None = File(None), k: int = k_param,  # noqa: B008
+                     tag: str | None = None) -> list[dict]:
         if file is None:
             raise HTTPError(400, "no file: send the audio as multipart field 'file'")
         name = Path(file.filename or "upload").name
@@ -290,7 +306,7 @@ def create_app(
                 raise HTTPError(400, f"{_shown(name)}: empty file")
             try:
                 with model_lock:
-                    hits = search.query_file(path, top_k=k)
+                    hits = search.query_file(path, top_k=k, tag=tag)
             except UndecodableAudioError as exc:  # its reasons ("not a regular file (possibly a pipe?)") mislead here
                 log.info("upload %s: %s", name, exc)
                 raise HTTPError(400, f"{_shown(name)}: not an audio file this server can decode") from exc
@@ -301,7 +317,7 @@ def create_app(
         return _results(hits)
 
     @app.get("/api/recommend")
-    def recommend(history: str = "", k: int = k_param, rule: str = "merge") -> list[dict]:
+    def recommend(history: str = "", k: int = k_param, rule: str = "merge", tag: str | None = None) -> list[dict]:
         songs = [track.strip() for track in history.split(",") if track.strip()]
         if not songs:
             raise HTTPError(400, "give a listening history: ?history=ID1,ID2,... (oldest first)")
@@ -310,11 +326,26 @@ def create_app(
         unknown = [track for track in songs if track not in files.by_id]
         if unknown:
             raise HTTPError(404, f"{', '.join(_shown(track) for track in unknown[:3])}: unknown track id")
-        return _results(search.recommend(songs, top_k=k, rule=rule))
+        return _results(search.recommend(songs, top_k=k, rule=rule, tag=tag))
 
     @app.get("/api/tracks")
-    def tracks(q: str = "", limit: int = Query(20, ge=1, le=MAX_SUGGESTIONS)) -> list[dict]:  # noqa: B008
-        return [{"track_id": row["track_id"], "label": row["label"]} for row in search.find_tracks(q, limit=limit)]
+    def tracks(q: str = "", limit: int = Query(20, ge=1, le=MAX_SUGGESTIONS),  # noqa: B008
+               tag: str | None = None) -> list[dict]:
+        return [_song(row) for row in search.find_tracks(q, limit=limit, tag=tag)]
+
+    @app.get("/api/playlist.m3u")
+    def playlist(track: list[str] = Query([])) -> Response:  # noqa: B008
+        # one parameter per song: a track id (a file name) may hold a comma
+        songs = [song for song in track if song]
+        if not songs:
+            raise HTTPError(400, "give the songs: ?track=ID1&track=ID2...")
+        if len(songs) > MAX_K + 1:  # a query's results and its seed
+            raise HTTPError(400, f"at most {MAX_K + 1} songs in a playlist, got {len(songs)}")
+        unknown = [track for track in songs if track not in files.by_id]
+        if unknown:
+            raise HTTPError(404, f"{', '.join(_shown(track) for track in unknown[:3])}: unknown track id")
+        return Response(format_m3u(track_entries(search, songs)), media_type="audio/x-mpegurl; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="melsearch.m3u"'})
 
     @app.get("/api/model")
     def model() -> dict[str, Any]:

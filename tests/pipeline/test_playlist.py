@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from test_query import new_song, own_index, workdir  # noqa: F401 (fixtures: the tiny index, a clip not in it)
 
 from pipeline.index import read_ids
 from pipeline.manifest import path_from_text, path_to_text
 from pipeline.playlist import format_m3u, history_playlist, seed_playlist, song_path
 from pipeline.query import MusicSearch
+from pipeline.server import create_app
 from tasks.cli import main
 
 
@@ -125,6 +127,23 @@ def test_a_name_that_is_not_utf8_is_written_as_its_file_uri(tmp_path):
         text.encode("utf-8")  # M3U8: valid UTF-8
         assert text.splitlines()[1:] == ["#EXTINF:182,Zaz - Café", f"file://{tmp_path}/caf%E9.wav"]
         assert path_from_text(text.splitlines()[2]) == latin  # the URI gives the file's bytes back
+
+
+def test_the_page_saves_the_songs_shown_as_a_playlist(search, tmp_path):
+    client = TestClient(create_app(search))
+    tracks = ["drone/drone.00002.wav", *[hit["track_id"] for hit in search.query_track("drone/drone.00002.wav")]]
+    response = client.get("/api/playlist.m3u", params={"track": tracks})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("audio/x-mpegurl")
+    assert response.headers["content-disposition"] == 'attachment; filename="melsearch.m3u"'
+    (tmp_path / "saved.m3u").write_bytes(response.content)
+    paths = {row["track_id"]: row["path"] for row in search.tracks()}
+    assert [path for _, path in read_m3u(tmp_path / "saved.m3u")] == [paths[track] for track in tracks]
+    for params, status, message in (({}, 400, "give the songs"), ({"track": ["nope.00001"]}, 404, "unknown"),
+                                    ({"track": tracks * 10}, 400, "at most 101")):
+        response = client.get("/api/playlist.m3u", params=params)
+        assert response.status_code == status and message in response.json()["error"]
+    assert 'id="save-playlist"' in client.get("/").text
 
 
 @pytest.mark.parametrize(("args", "message"), [

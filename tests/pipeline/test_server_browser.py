@@ -205,3 +205,18 @@ def test_picking_a_suggestion_searches_it(browser, base_url):
         q.dispatchEvent(new InputEvent('input', {inputType: 'insertReplacementText', bubbles: true}));""")
     picked = browser.find_element(By.CSS_SELECTOR, "#suggestions option").get_attribute("value")
     wait(browser, lambda d: picked in title(d) and len(result_ids(d)) == 6, "picking a suggestion did not search")
+
+
+def test_save_as_playlist_downloads_the_songs_shown(browser, base_url):
+    browser.get(base_url + "/?track=chime%2Fchime.00003.wav")
+    wait(browser, lambda d: "chime/chime.00003.wav" in title(d) and len(result_ids(d)) == 6, "no results")
+    link = browser.find_element(By.ID, "save-playlist")
+    assert link.is_displayed() and link.get_attribute("download") == "melsearch.m3u"
+    text = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.getElementById('save-playlist').href).then((r) => r.text()).then(done, (e) => done(String(e)));
+    """)
+    lines = text.splitlines()
+    assert lines[0] == "#EXTM3U" and len(lines) == 1 + 2 * 7  # the song searched, then its 6 results
+    assert lines[2].endswith("chime/chime.00003.wav")
+    assert [Path(line).name for line in lines[4::2]] == [Path(track).name for track in result_ids(browser)]
