@@ -1,10 +1,11 @@
 """Playlists from an index: a seed song and the songs most like it, a listening history's continuation, and a
 song path from one song to another, written as extended M3U that media players read.
 
-``seed_playlist``, ``history_playlist`` and ``song_path`` return entries, dicts of ``track_id`` (None for a seed
-file that is not in the index), ``path`` (as the id table keeps it: :func:`pipeline.manifest.path_to_text`),
-``title``, ``artist``, ``album``, ``duration_s`` (seconds, None when unknown) and ``distance`` (angular, to the
-seed, the nearest history song, or the path's previous song; 0 for the first entry). ``write_m3u`` writes them.
+``seed_playlist``, ``history_playlist`` and ``song_path`` return entries: :meth:`MusicSearch.track_info`'s dicts
+(``track_id``, None for a seed file that is not in the index; ``path`` as the id table keeps it,
+:func:`pipeline.manifest.path_to_text`; ``title``, ``artist``, ``album``, ``track_number``, ``duration_s`` in
+seconds, None when unknown; ``tags``) with ``distance`` (angular, to the seed, the nearest history song, or the
+path's previous song; 0 for the first entry). ``write_m3u`` writes them.
 Every entry's file exists when it is chosen, and no song comes twice, nor twice the same audio under two names
 (vectors closer than :data:`pipeline.query.DUPLICATE_DISTANCE`).
 """
@@ -20,8 +21,9 @@ import numpy as np
 
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
-from pipeline.manifest import path_from_text, path_to_text, readable_name
+from pipeline.manifest import path_from_text, path_to_text
 from pipeline.query import DUPLICATE_DISTANCE, MusicSearch
+from pipeline.tags import display_name, read_file_tags
 
 log = logging.getLogger(__name__)
 
@@ -233,23 +235,21 @@ def _distinct(search: MusicSearch, pick: Callable[[int], list[dict]], n: int, *,
 
 
 def _entry(search: MusicSearch, row: dict, distance: float = 0.0) -> dict:
-    """A playlist entry for an id-table row (or a file's ``{"track_id": None, "path"}``)."""
-    path = path_from_text(row["path"])
-    return {"track_id": row["track_id"], "path": row["path"], "title": readable_name(Path(path).stem), "artist": "",
-            "album": "", "duration_s": _duration(path), "distance": round(float(distance), 6)}
+    """A playlist entry: :meth:`MusicSearch.track_info` of an id-table row, or the names and length a seed file
+    outside the index (``{"track_id": None, "path"}``) has in its own header; with ``distance``."""
+    if row["track_id"] is not None:
+        info = search.track_info(row["track_id"])
+    else:
+        path = path_from_text(row["path"])
+        info = {"track_id": None, "path": row["path"], **read_file_tags(path).columns(),
+                "duration_s": _duration(path), "tags": []}
+    return {**info, "distance": round(float(distance), 6)}
 
 
 def _duration(path: str) -> float | None:
-    """The file's length in seconds from its header (mutagen, else soundfile), None when neither reads it."""
-    import mutagen
+    """The file's length in seconds from its header, None when soundfile cannot read it."""
     import soundfile as sf
 
-    try:
-        audio = mutagen.File(path)
-        if audio is not None and audio.info.length:
-            return float(audio.info.length)
-    except (mutagen.MutagenError, OSError):
-        pass
     try:
         return float(sf.info(os.fsencode(path)).duration)
     except (sf.LibsndfileError, RuntimeError, OSError):
@@ -267,8 +267,7 @@ def format_m3u(entries: Sequence[dict], *, relative_to: str | os.PathLike | None
     lines = ["#EXTM3U"]
     for entry in entries:
         seconds = -1 if entry["duration_s"] is None else round(entry["duration_s"])
-        name = f"{entry['artist']} - {entry['title']}" if entry["artist"] else entry["title"]
-        lines.append(f"#EXTINF:{seconds},{' '.join(name.split())}")
+        lines.append(f"#EXTINF:{seconds},{' '.join(display_name(entry).split())}")
         lines.append(_m3u_path(entry["path"], relative_to))
     return "\n".join(lines) + "\n"
 

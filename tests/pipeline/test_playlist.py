@@ -49,11 +49,17 @@ def test_seed_playlist_cli_writes_the_seed_and_distinct_neighbours(workdir, sear
     assert "wrote 8 songs" in capsys.readouterr().err
 
 
-def test_seed_file_not_in_the_index_comes_first(search, new_song):  # noqa: F811
-    entries = seed_playlist(search, new_song["flac"], 4)
-    assert entries[0]["track_id"] is None and path_from_text(entries[0]["path"]) == str(new_song["flac"])
-    assert [e["track_id"] for e in entries[1:]] == [hit["track_id"] for hit in search.query(new_song["flac"],
-                                                                                            top_k=3)]
+def test_seed_file_not_in_the_index_comes_first_named_by_its_tags(search, new_song, tmp_path):  # noqa: F811
+    from mutagen.flac import FLAC
+
+    song = Path(shutil.copy(new_song["flac"], tmp_path / "track01.flac"))
+    tags = FLAC(song)
+    tags["title"], tags["artist"] = "Low Hum", "The Drones"
+    tags.save()
+    entries = seed_playlist(search, song, 4)
+    assert entries[0]["track_id"] is None and path_from_text(entries[0]["path"]) == str(song)
+    assert [e["track_id"] for e in entries[1:]] == [hit["track_id"] for hit in search.query(song, top_k=3)]
+    assert format_m3u(entries).splitlines()[1:3] == ["#EXTINF:2,The Drones - Low Hum", str(song)]
 
 
 def test_the_same_audio_under_another_name_comes_once(own_index, workdir, tmp_path):  # noqa: F811
