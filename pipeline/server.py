@@ -211,7 +211,7 @@ def _looks_like_track_id(track: str) -> bool:
 
 
 # What the page sees of a song: its names and tags, not where the server keeps it
-_SONG_FIELDS = ("track_id", "title", "artist", "album", "track_number", "duration_s", "tags", "label")
+_SONG_FIELDS = ("title", "artist", "album", "track_number", "duration_s", "tags", "label")
 
 
 def _song(row: dict) -> dict:

@@ -219,6 +219,11 @@ def _index_args(parser: argparse.ArgumentParser, *, ranked: bool = True) -> None
         parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
+def _tag_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tag", metavar="TAG", help="only songs whose top tags hold TAG (a tagging model's, e.g. "
+                        "musicnn's rock, mellow, female vocalists)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -236,23 +241,32 @@ def _say_index(search: MusicSearch) -> None:
     print(f"melsearch: index {search.index_dir} ({search.chosen_because})", file=sys.stderr)
 
 
+def _columns(cells: Sequence[Sequence[str]], right: tuple[int, ...] = ()) -> str:
+    """Rows of text cells as aligned columns two spaces apart (``right``: right-aligned ones), the last unpadded."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]) - 1)]
+    return "\n".join("  ".join([*(f"{cell:>{width}}" if i in right else f"{cell:<{width}}"
+                                   for i, (cell, width) in enumerate(zip(row, widths, strict=False))), row[-1]])
+                     for row in cells)
+
+
+def _song_cells(song: dict) -> tuple[str, str, str]:
+    """A song's "artist - title", its label and its top tags, as text cells."""
+    from pipeline.tags import display_name
+
+    return display_name(song), song["label"] or "-", ", ".join(song["tags"]) or "-"
+
+
 def format_table(results: Sequence[dict]) -> str:
-    """Results as aligned text columns: rank, track id, label, distance, path."""
-    header = ("rank", "track_id", "label", "distance", "path")
-    cells = [header] + [
-        (str(r["rank"]), r["track_id"], r["label"] or "-", f"{r['distance']:.4f}", r["path"]) for r in results
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(4)]
-    return "\n".join(
-        f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}"
-        for row in cells)
+    """Results as aligned text columns: rank, song ("artist - title"), label, distance, tags, track id."""
+    cells = [("rank", "song", "label", "distance", "tags", "track_id")]
+    cells += [(str(r["rank"]), *_song_cells(r)[:2], f"{r['distance']:.4f}", _song_cells(r)[2], r["track_id"])
+              for r in results]
+    return _columns(cells, right=(0, 3))
 
 
 def format_tracks(tracks: Sequence[dict]) -> str:
-    """Songs as aligned text columns: track id, label, path."""
-    cells = [("track_id", "label", "path")] + [(t["track_id"], t["label"] or "-", t["path"]) for t in tracks]
-    widths = [max(len(row[i]) for row in cells) for i in range(2)]
-    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in cells)
+    """Songs as aligned text columns: song ("artist - title"), label, tags, track id."""
+    return _columns([("song", "label", "tags", "track_id")] + [(*_song_cells(t), t["track_id"]) for t in tracks])
 
 
 def _print_results(args: argparse.Namespace, search: MusicSearch, results: list[dict],
@@ -265,19 +279,23 @@ def _print_results(args: argparse.Namespace, search: MusicSearch, results: list[
 def cmd_query(args: argparse.Namespace) -> int:
     search = _load_search(args, model_dir=args.model_dir, device=args.device)
     if args.track is not None:
-        return _print_results(args, search, search.query_track(args.track, top_k=args.top_k, exact=args.exact))
-    return _print_results(args, search, search.query_file(args.file, top_k=args.top_k, exact=args.exact))
+        return _print_results(args, search, search.query_track(args.track, top_k=args.top_k, exact=args.exact,
+                                                               tag=args.tag))
+    return _print_results(args, search, search.query_file(args.file, top_k=args.top_k, exact=args.exact,
+                                                          tag=args.tag))
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     history = [track.strip() for track in args.history.split(",") if track.strip()]
     search = _load_search(args)
-    return _print_results(args, search, search.recommend(history, top_k=args.top_k, rule=args.rule, exact=args.exact))
+    return _print_results(args, search, search.recommend(history, top_k=args.top_k, rule=args.rule, exact=args.exact,
+                                                         tag=args.tag))
 
 
 def cmd_tracks(args: argparse.Namespace) -> int:
     search = _load_search(args)
-    return _print_results(args, search, search.find_tracks(args.text, limit=args.limit), table=format_tracks)
+    return _print_results(args, search, search.find_tracks(args.text, limit=args.limit, tag=args.tag),
+                          table=format_tracks)
 
 
 def cmd_playlist(args: argparse.Namespace) -> int:
@@ -317,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 EXAMPLES = """examples:
   melsearch run --library ~/Music --model musicnn    index your music with a pretrained model (no labels needed)
   melsearch serve                                    a page to search and listen: http://127.0.0.1:8000/
-  melsearch tracks blues                             the index's track ids holding 'blues'
+  melsearch tracks blues                             the index's songs whose id, title, artist or album holds 'blues'
   melsearch query song.mp3 --top-k 5                 the 5 songs that sound most like a file
   melsearch query --track blues/song.mp3             ... or like a song of the index
   melsearch recommend --history ID,ID,ID             what to play next
@@ -408,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="audio file (wav, au, mp3, flac, ogg, ...)")
     what.add_argument("--track", metavar="ID", help="a track id of the index (melsearch tracks lists them)")
     _index_args(query)
+    _tag_arg(query)
     query.add_argument("--model-dir", help="embed FILE with this model folder (default: the one that built the index)")
     query.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where FILE is embedded")
     query.set_defaults(func=cmd_query)
@@ -421,16 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="merge: the 5 nearest of each of the last 10 songs, merged (default, the original "
                                 "project's rule); centroid: nearest to the mean of the last 10")
     _index_args(recommend)
+    _tag_arg(recommend)
     recommend.set_defaults(func=cmd_recommend)
 
-    tracks = commands.add_parser("tracks", help="the index's track ids, labels and files, filtered by TEXT",
-                                 parents=[common], description="The index's songs (track id, label, file): the ids "
-                                 "query --track and recommend --history take. With TEXT, those whose id or file "
-                                 "name holds it (any case), those that start with it first.")
-    tracks.add_argument("text", nargs="?", default="", metavar="TEXT", help="part of an id or file name")
+    tracks = commands.add_parser("tracks", help="the index's songs (names, tags, track ids), filtered by TEXT",
+                                 parents=[common], description="The index's songs (artist - title, label, tags, "
+                                 "track id): the ids query --track and recommend --history take. With TEXT, those "
+                                 "whose id, file name, title, artist or album holds it (any case), those that start "
+                                 "with it first.")
+    tracks.add_argument("text", nargs="?", default="", metavar="TEXT",
+                        help="part of an id, file name, title, artist or album")
     tracks.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="at most N (default: all)")
     tracks.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     _index_args(tracks, ranked=False)
+    _tag_arg(tracks)
     tracks.set_defaults(func=cmd_tracks)
 
     playlist = commands.add_parser(

@@ -207,7 +207,7 @@ def test_an_index_of_another_model_or_dimension_is_refused(workdir, tmp_path, rn
 def test_main_prints_a_table_or_json(workdir, new_song, capsys):
     assert main(["query", str(new_song["flac"]), "--workdir", str(workdir), "--top-k", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rank", "track_id", "label", "distance", "path"] and len(lines) == 5
+    assert lines[0].split() == ["rank", "song", "label", "distance", "tags", "track_id"] and len(lines) == 5
     assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3", "4"]
 
     index_dir = workdir / "index" / "cifar10-tiny"
@@ -215,7 +215,10 @@ def test_main_prints_a_table_or_json(workdir, new_song, capsys):
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 10 and "buzz/buzz.00003.wav" not in [r["track_id"] for r in results]
     assert results == MusicSearch.load(index_dir).query("buzz/buzz.00003.wav", exact=True)
-    assert format_table(results).splitlines()[1].split()[1] == results[0]["track_id"]
+    # untagged files of a model without tags: the song is its file name, "-" its tags, the id last
+    assert format_table(results).splitlines()[1].split()[1:] == [Path(results[0]["path"]).stem, results[0]["label"],
+                                                                  f"{results[0]['distance']:.4f}", "-",
+                                                                  results[0]["track_id"]]
 
 
 @pytest.mark.parametrize("args, message", [

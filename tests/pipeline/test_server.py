@@ -26,10 +26,17 @@ from pipeline.errors import MelsearchError
 from pipeline.index import read_ids
 from pipeline.query import MusicSearch
 from pipeline.server import HTTPError, _AudioFiles, create_app, server_config
+from pipeline.tags import display_name
 from tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULT_KEYS = {"rank", "track_id", "label", "distance"}
+SONG_KEYS = {"track_id", "name", "title", "artist", "album", "track_number", "duration_s", "tags", "label"}
+RESULT_KEYS = SONG_KEYS | {"rank", "distance"}
+
+
+def public(result: dict) -> dict:
+    """What the API answers of a MusicSearch result: its fields but the path, and the song's display name."""
+    return {**{key: result[key] for key in RESULT_KEYS - {"name"}}, "name": display_name(result)}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +77,7 @@ def test_query_by_track_never_returns_itself(client, search, items):
         assert all(set(r) == RESULT_KEYS for r in results)  # no server paths
         assert track not in [r["track_id"] for r in results]
         expected = search.query_track(track, top_k=10)
-        assert results == [{key: r[key] for key in RESULT_KEYS} for r in expected]
+        assert results == [public(r) for r in expected]
     assert len(client.get("/api/query", params={"track": "drone/drone.00001.wav"}).json()) == 5  # the app's top_k
 
 
@@ -146,7 +153,7 @@ def test_recommend_never_returns_a_history_song(client, search, items):
         assert distances == sorted(distances)
     # default rule: merge
     default = client.get("/api/recommend", params={"history": ",".join(history), "k": 12}).json()
-    assert default == [{key: r[key] for key in RESULT_KEYS} for r in search.recommend(history, top_k=12)]
+    assert default == [public(r) for r in search.recommend(history, top_k=12)]
     assert "unknown track id" in one_line_error(client.get("/api/recommend", params={"history": "x.wav"}), 404)
     assert "history" in one_line_error(client.get("/api/recommend", params={"history": " , "}), 400)
     assert "rule" in one_line_error(client.get("/api/recommend", params={"history": tracks[0], "rule": "x"}), 400)
@@ -187,7 +194,7 @@ def test_recommend_main_prints_a_table_or_json(workdir, capsys):  # noqa: F811
     index = str(workdir / "index" / "cifar10-tiny")
     assert main(["recommend", "--history", history, "--index-dir", index, "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["rank", "track_id", "label", "distance", "path"] and len(lines) == 4
+    assert lines[0].split() == ["rank", "song", "label", "distance", "tags", "track_id"] and len(lines) == 4
     assert main(["recommend", "--history", history, "--index-dir", index, "--json", "--rule", "centroid"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 10 and not set(history.split(",")) & {r["track_id"] for r in results}
@@ -312,7 +319,7 @@ def test_audio_refuses_every_path_and_unknown_ids(client, items, workdir):  # no
 
 def test_tracks_matches_ids_and_file_names_case_insensitively(client, items):
     drones = client.get("/api/tracks", params={"q": "DRONE"}).json()
-    assert drones and all("drone" in r["track_id"] for r in drones) and set(drones[0]) == {"track_id", "label"}
+    assert drones and all("drone" in r["track_id"] for r in drones) and set(drones[0]) == SONG_KEYS
     assert len(drones) == sum("drone" in t for t in items)
     loose = client.get("/api/tracks", params={"q": "loose1"}).json()
     assert [r["track_id"] for r in loose] == [t for t in items if "loose1" in t]
