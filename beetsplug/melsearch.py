@@ -15,6 +15,7 @@ song already indexed is not embedded again), so each track id names its beets it
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class MelsearchPlugin(BeetsPlugin):
         if not items:
             raise UserError("melsearch: no items to index")
         links = sync_links(workdir / LINKS, [(item.id, os.fsdecode(item.path)) for item in items])
+        _show_progress()
         try:
             configure(settings_from_flags({"model": self.config["model"].as_str()}))
             run_pipeline(workdir=str(workdir), library=str(links), models=model_names())
@@ -68,6 +70,8 @@ class MelsearchPlugin(BeetsPlugin):
         seed = lib.items(args).get()
         if seed is None:
             raise UserError(f"melsearch: no item matches {' '.join(args)!r}")
+        if not (self._workdir() / LINKS).is_dir():
+            raise UserError(f"melsearch: nothing indexed in {self._workdir()} yet: run 'beet melsearch' first")
         try:
             search = MusicSearch.load(self._workdir(), model=self.config["model"].as_str())
             track_of = {item_id_of(row["track_id"]): row["track_id"] for row in search.tracks()}
@@ -85,6 +89,17 @@ class MelsearchPlugin(BeetsPlugin):
                     break
         except MelsearchError as exc:
             raise UserError(f"melsearch: {exc}") from exc
+
+
+def _show_progress() -> None:
+    """The run's progress lines on stderr, as ``melsearch run`` shows them (beets sets up only its own logger)."""
+    progress = logging.getLogger("tasks.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("melsearch: %(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
 
 
 def item_id_of(track_id: str) -> int | None:

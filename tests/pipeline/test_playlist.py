@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,21 @@ def test_playlist_errors_are_one_line(workdir, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("melsearch: ") and message in err
     assert not (tmp_path / "missing").exists()
+
+
+def test_an_unwritable_folder_is_one_line(workdir, tmp_path):  # noqa: F811
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("root reads and writes anything without setpriv to drop that")
+    # as root, drop the capabilities that let root write anywhere, so chmod 555 stops the command
+    prefix = [] if os.geteuid() != 0 else ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                                          "--bounding-set=-dac_override,-dac_read_search"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    result = subprocess.run([*prefix, sys.executable, "-m", "pipeline", "playlist", "--seed", "buzz/buzz.00000.wav",
+                             "--n", "3", "--out", str(locked / "mix.m3u"), "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"melsearch: {locked / 'mix.m3u'}: cannot write the playlist (Permission denied)")
+    assert not list(locked.iterdir())

@@ -90,3 +90,14 @@ def test_errors_are_one_line(beets, args, message):
     errors = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(errors) == 1
     assert errors[0].startswith("error: melsearch: ") and message in errors[0]
+
+
+def test_similar_before_indexing_says_to_index(beets, tmp_path):
+    config = tmp_path / "beetsdir"
+    config.mkdir()
+    text = (Path(beets["env"]["BEETSDIR"]) / "config.yaml").read_text()
+    (config / "config.yaml").write_text(text.replace(str(beets["root"] / "work"), str(tmp_path / "work")))
+    result = beet({**beets["env"], "BEETSDIR": str(config)}, "similar", "title:Song 1")
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"error: melsearch: nothing indexed in {tmp_path / 'work'} yet: "
+                                     "run 'beet melsearch' first")
