@@ -18,6 +18,8 @@ import soundfile as sf
 from pipeline.synth import write_synthetic_dataset
 
 REAL_AUDIO = os.environ.get("MELSEARCH_REAL_AUDIO", "")
+# The 120 emotify MP3s (<genre>/<genre>.NNN.mp3, ID3-tagged; set by .ci/run): real music with real tags
+EMOTIFY_AUDIO = os.environ.get("MELSEARCH_EMOTIFY_AUDIO", "")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,27 @@ def real_audio_dir() -> Path:
     if not REAL_AUDIO or not Path(REAL_AUDIO).is_dir():
         pytest.skip("MELSEARCH_REAL_AUDIO is not set to a folder of real clips")
     return Path(REAL_AUDIO)
+
+
+@pytest.fixture(scope="session")
+def emotify_dir() -> Path:
+    """The emotify MP3s named by MELSEARCH_EMOTIFY_AUDIO (set by .ci/run); skips when absent."""
+    if not EMOTIFY_AUDIO or not Path(EMOTIFY_AUDIO).is_dir():
+        pytest.skip("MELSEARCH_EMOTIFY_AUDIO is not set to the emotify MP3s")
+    return Path(EMOTIFY_AUDIO)
+
+
+def write_tags(path: Path, **names: str) -> Path:
+    """Set easy tags (title, artist, album, tracknumber) on a FLAC, Ogg or MP3 file, as a tagger would."""
+    import mutagen
+
+    audio = mutagen.File(path, easy=True)
+    if audio.tags is None:
+        audio.add_tags()
+    for key, value in names.items():
+        audio[key] = value
+    audio.save()
+    return path
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mutagen
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from conftest import write_tags
 from mutagen.id3 import TIT2, TPE1, TRCK
 from mutagen.wave import WAVE
 
@@ -25,17 +25,6 @@ def tone(path: Path, seconds: float = 1.0, sr: int = 22050, **kwargs) -> Path:
     """A quiet 440 Hz tone written by soundfile (its format from the suffix)."""
     t = np.arange(int(seconds * sr)) / sr
     sf.write(path, (0.2 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32), sr, **kwargs)
-    return path
-
-
-def write_tags(path: Path, **names: str) -> Path:
-    """Set easy tags (title, artist, album, tracknumber) on a FLAC, Ogg or MP3 file, as a tagger would."""
-    audio = mutagen.File(path, easy=True)
-    if audio.tags is None:
-        audio.add_tags()
-    for key, value in names.items():
-        audio[key] = value
-    audio.save()
     return path
 
 
