@@ -6,7 +6,9 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from pipeline.layout import FIGURES_FILE, NOT_READ, WorkDir, damaged_outputs, re
 from tasks.progress import ProgressLine
 
 log = logging.getLogger(__name__)
+
+# Which process made an output (``<host>:<pid>``, in figures): fixed at import, so a task in a process Luigi forked
+# for it (``--workers N``) names the melsearch run or worker that forked it.
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @functools.lru_cache(maxsize=16)

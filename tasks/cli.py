@@ -206,6 +206,18 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tasks.config import configure, settings_from_flags
+    from tasks.worker import run_worker
+
+    configure(settings_from_flags({}, args.set or []))
+    ran = run_worker(args.workdir, args.scheduler_url, args.workers)
+    for name, state in ran:
+        print(f"{state.lower()}: {name}")
+    print(f"melsearch worker: {len(ran)} tasks ran here")
+    return 0
+
+
 def _index_args(parser: argparse.ArgumentParser, *, ranked: bool = True) -> None:
     """Which index to read (and for ranked answers how many and how): what query, recommend, tracks, serve share."""
     where = parser.add_mutually_exclusive_group()
@@ -500,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     _workdir_arg(scheduler, "its pid file, logs and state go in WORKDIR/scheduler")
     scheduler.add_argument("--port", type=int, default=8082, help="port on 127.0.0.1 (default: 8082)")
     scheduler.set_defaults(func=cmd_scheduler)
+
+    worker = commands.add_parser(
+        "worker", help="join a run started elsewhere: take its tasks from luigid until SIGTERM", parents=[common],
+        description="A worker for a machine that joins runs started elsewhere: it takes whatever tasks luigid has "
+        "(feature shards, models, stages), whichever machine listed them, until SIGTERM or SIGUSR1, then finishes "
+        "its running tasks and prints those it ran. A task's parameters carry its settings.")
+    _workdir_arg(worker, "the runs' work directory, as they name it")
+    worker.add_argument("--scheduler-url", required=True, help="the luigid of the runs, e.g. http://10.0.0.5:8082")
+    worker.add_argument("--workers", type=_positive_int, default=1, help="tasks run at once (default: 1)")
+    worker.add_argument("--set", action="append", metavar="SECTION.OPTION=VALUE",
+                        help="this machine's own settings, e.g. --set features.processes=4 (repeatable)")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

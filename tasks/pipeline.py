@@ -23,6 +23,7 @@ from tasks.features import Features, features_for
 from tasks.library import LibraryFeatures, library_dataset, library_features_for
 from tasks.search import Embeddings, Index
 from tasks.train import CompareModels, model_task, untrained
+from tasks.worker import WorkerFactory
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,9 @@ def run_pipeline(
                     clear_outputs(task)
                     pending[_rerun_key(task)] = rerun
             layout.record_reruns(pending)
-        kwargs = {"scheduler_url": scheduler_url} if scheduler_url else {"local_scheduler": True}
+        # against luigid, a worker waits for the tasks of this run that others (melsearch worker) are running
+        kwargs = {"scheduler_url": scheduler_url, "worker_scheduler_factory": WorkerFactory()} if scheduler_url \
+            else {"local_scheduler": True}
         # the caller configures logging (the CLI: one handler, its level); Luigi adds no handler of its own
         luigi.configuration.get_config().set("core", "no_configure_logging", "true")
         result = luigi.build([root], workers=workers, detailed_summary=True, **kwargs)
