@@ -105,11 +105,12 @@ def song_path(search: MusicSearch, start: str | os.PathLike, end: str | os.PathL
         usable[np.linalg.norm(vectors - vectors[i], axis=1) < DUPLICATE_DISTANCE] = False
 
     take(first)
-    usable[np.linalg.norm(vectors - b, axis=1) < DUPLICATE_DISTANCE] = False
     to_end = np.linalg.norm(vectors - b, axis=1)
+    usable[to_end < DUPLICATE_DISTANCE] = False  # B comes last, once
     for step in range(1, n - 1):
-        target = _slerp(a, b, step / (n - 1))
         previous = order[-1]
+        cost = (np.linalg.norm(vectors - _slerp(a, b, step / (n - 1)), axis=1)
+                + step_weight * np.linalg.norm(vectors - vectors[previous], axis=1))
         while True:
             candidates = usable & (to_end < to_end[previous])
             if not candidates.any():
@@ -117,8 +118,6 @@ def song_path(search: MusicSearch, start: str | os.PathLike, end: str | os.PathL
             if not candidates.any():
                 raise MelsearchError(f"the index has only {len(order) + 1} distinct songs for a path of {n} from "
                                      f"{ids[first]} to {ids[last]}")
-            cost = (np.linalg.norm(vectors - target, axis=1)
-                    + step_weight * np.linalg.norm(vectors - vectors[previous], axis=1))
             best = int(np.argmin(np.where(candidates, cost, np.inf)))
             if _file_there(rows[best], "path"):
                 break

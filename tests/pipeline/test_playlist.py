@@ -157,6 +157,7 @@ def test_the_page_saves_the_songs_shown_as_a_playlist(search, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--from", "buzz/buzz.00000.wav", "--to", "loose1.flac", "--n", "1"], "give --n 2 or more"),
     (["--from", "buzz/buzz.00000.wav", "--n", "4"], "needs both ends"),
+    (["--from", "buzz/buzz.00000.wav", "--to", "loose1.flac", "--n", "40"], "only 34 distinct songs"),
     (["--from", "buzz/buzz.00000.wav", "--to", "buzz/buzz.00000.wav"], "the same song"),
     (["--seed", "nope.00001"], "nope.00001: unknown track id"),
     (["--history", "buzz/buzz.00000.wav,nope.00001"], "nope.00001"),
