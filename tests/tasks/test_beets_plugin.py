@@ -1,4 +1,4 @@
-"""The beets plugin against a real beets library in a temporary BEETSDIR: ``beet import -A`` of tagged songs that
+"""The beets plugin against a real beets library in a temporary BEETSDIR: ``beet import -A`` of ID3-tagged MP3s that
 live outside beets' directory, ``beet melsearch`` (musicnn), ``beet similar QUERY`` in beets' own format, never the
 seed; a removed item is never listed after the next ``beet melsearch``; errors are beets' one line."""
 
@@ -19,18 +19,18 @@ BEET = Path(sys.executable).with_name("beet")
 
 @pytest.fixture(scope="module")
 def beets(tmp_path_factory) -> dict:
-    """A beets library of 10 tagged 4-s FLAC songs ("Song 0".."Song 9", artist "Artist <sound>"), imported as
+    """A beets library of 10 ID3-tagged 4-s MP3s ("Song 0".."Song 9", artist "Artist <sound>"), imported as
     they are (-A: no autotagging, no network), with melsearch configured; its environment and files."""
-    from mutagen.flac import FLAC
+    from mutagen.easyid3 import EasyID3
 
     if not BEET.is_file():
         pytest.skip(f"no beet command beside {sys.executable}")
     root = tmp_path_factory.mktemp("beets")
-    paths = write_synthetic_dataset(root / "music", n_per_class=2, seconds=4.0, n_classes=5, seed=4, fmt="flac")
+    paths = write_synthetic_dataset(root / "music", n_per_class=2, seconds=4.0, n_classes=5, seed=4, fmt="mp3")
     for i, path in enumerate(sorted(paths)):
-        tags = FLAC(path)
+        tags = EasyID3()
         tags["title"], tags["artist"], tags["album"] = f"Song {i}", f"Artist {path.parent.name}", "Synth"
-        tags.save()
+        tags.save(path)
     config = root / "beetsdir"
     config.mkdir()
     (config / "config.yaml").write_text(f"""\
