@@ -75,8 +75,10 @@ def song_path(search: MusicSearch, start: str | os.PathLike, end: str | os.PathL
     With ``a`` and ``b`` the two songs' unit vectors, step ``i`` (of ``n - 1``) aims at the point ``t = i/(n-1)``
     of the great-circle arc from ``a`` to ``b`` (spherical interpolation: the vectors live on the unit sphere, and
     a straight line's midpoint would sit inside it, nearer to nothing). It takes the unused song minimising
-    ``|v - target| + step_weight * |v - previous|``, among the songs nearer to ``b`` than the previous one when
-    there are any. Exact search over every vector: O(n x songs).
+    ``|v - target| + step_weight * |v - previous|``, among the songs nearer to ``b`` than the previous one that
+    leave enough songs nearer still for the steps left (so that a path nearing B at every step is never cut off
+    by an early jump to B's neighbours), or among all unused songs when there are none. Exact search over every
+    vector: O(n x songs).
 
     Raises
     ------
@@ -112,7 +114,11 @@ def song_path(search: MusicSearch, start: str | os.PathLike, end: str | os.PathL
         cost = (np.linalg.norm(vectors - _slerp(a, b, step / (n - 1)), axis=1)
                 + step_weight * np.linalg.norm(vectors - vectors[previous], axis=1))
         while True:
-            candidates = usable & (to_end < to_end[previous])
+            # nearer to B than the previous song, with enough usable songs nearer still for the steps left
+            by_end = np.argsort(to_end, kind="stable")
+            nearer = np.empty(len(ids), dtype=np.int64)
+            nearer[by_end] = np.cumsum(usable[by_end]) - usable[by_end]
+            candidates = usable & (to_end < to_end[previous]) & (nearer >= n - 2 - step)
             if not candidates.any():
                 candidates = usable
             if not candidates.any():
