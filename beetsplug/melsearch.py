@@ -33,9 +33,11 @@ class MelsearchPlugin(BeetsPlugin):
         self.config.add({"workdir": os.path.join(config.config_dir(), "melsearch"), "model": "musicnn"})
 
     def commands(self) -> list[Subcommand]:
-        index = Subcommand("melsearch", help="index the library's songs for 'beet similar' (melsearch)")
+        index = Subcommand("melsearch", help="index the library's songs (those matching QUERY) for 'beet similar'")
+        index.parser.usage += " [QUERY]"
         index.func = self._index
         similar = Subcommand("similar", help="the items that sound most like the first item matching QUERY")
+        similar.parser.usage += " QUERY"
         similar.parser.add_option("-n", "--number", type="int", default=10, help="how many items (default: 10)")
         similar.func = self._similar
         return [index, similar]
