@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from beets import config
@@ -105,9 +106,10 @@ def _show_progress() -> None:
 
 
 def item_id_of(track_id: str) -> int | None:
-    """The beets item id a track id of the links folder names (``12-song.mp3`` -> 12), None for another id."""
-    head, _, _ = Path(track_id).name.partition("-")
-    return int(head) if head.isdigit() else None
+    """The beets item id a track id of the links folder names (``12-song.mp3``, ``12.mp3`` -> 12), None for
+    another id."""
+    found = re.match(r"(\d+)[-.]", Path(track_id).name)
+    return int(found.group(1)) if found else None
 
 
 def sync_links(folder: Path, items: list[tuple[int, str]]) -> Path:
@@ -117,7 +119,7 @@ def sync_links(folder: Path, items: list[tuple[int, str]]) -> Path:
     moved or renamed since go.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = {f"{item_id}-{os.path.basename(path)}": path for item_id, path in items}
+    wanted = {_link_name(item_id, path): path for item_id, path in items}
     for entry in os.scandir(folder):
         if entry.name not in wanted or not entry.is_symlink() or os.readlink(entry.path) != wanted[entry.name]:
             os.unlink(entry.path)
@@ -125,3 +127,9 @@ def sync_links(folder: Path, items: list[tuple[int, str]]) -> Path:
         if not os.path.lexists(folder / name):
             os.symlink(path, folder / name)
     return folder
+
+
+def _link_name(item_id: int, path: str) -> str:
+    """``<id>-<file name>``, or ``<id>.<ext>`` where that would be longer than a file name may be (255 bytes)."""
+    name = f"{item_id}-{os.path.basename(path)}"
+    return name if len(os.fsencode(name)) <= 255 else f"{item_id}{os.path.splitext(path)[1]}"

@@ -101,3 +101,19 @@ def test_similar_before_indexing_says_to_index(beets, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: melsearch: nothing indexed in {tmp_path / 'work'} yet: "
                                      "run 'beet melsearch' first")
+
+
+def test_links_name_their_items_and_follow_the_library(tmp_path):
+    from beetsplug.melsearch import item_id_of, sync_links
+
+    long_name = "x" * 252 + ".mp3"  # with its id, longer than a file name may be
+    links = sync_links(tmp_path / "links", [(1, "/music/a.mp3"), (2, f"/music/{long_name}"), (3, "/music/c.flac")])
+    assert {link.name: os.readlink(link) for link in links.iterdir()} == {
+        "1-a.mp3": "/music/a.mp3", "2.mp3": f"/music/{long_name}", "3-c.flac": "/music/c.flac"}
+    assert sorted(item_id_of(link.name) for link in links.iterdir()) == [1, 2, 3]
+    # item 1 removed, item 3 moved: their links follow, item 2's stays as it was
+    before = (links / "2.mp3").lstat().st_ino
+    sync_links(links, [(2, f"/music/{long_name}"), (3, "/elsewhere/c.flac")])
+    assert {link.name: os.readlink(link) for link in links.iterdir()} == {
+        "2.mp3": f"/music/{long_name}", "3-c.flac": "/elsewhere/c.flac"}
+    assert (links / "2.mp3").lstat().st_ino == before
