@@ -40,6 +40,8 @@ class MelsearchPlugin(BeetsPlugin):
         similar = Subcommand("similar", help="the items that sound most like the first item matching QUERY")
         similar.parser.usage += " QUERY"
         similar.parser.add_option("-n", "--number", type="int", default=10, help="how many items (default: 10)")
+        similar.parser.add_path_option()  # -p, and -f FORMAT, as `beet ls` has them
+        similar.parser.add_format_option(target="item")
         similar.func = self._similar
         return [index, similar]
 

@@ -66,6 +66,10 @@ def test_similar_lists_the_items_most_like_the_first_match_never_itself(beets):
     assert len(similar) == 9 and len(set(similar)) == 9  # the default 10, and the library has 9 others
     assert seed not in similar and set(similar) <= set(items)  # beets' own format: `beet ls` lines
     assert lines(beet(env, "similar", "-n", "5", "title:Song 3")) == similar[:5]
+    paths = lines(beet(env, "similar", "-n", "5", "-p", "title:Song 3"))  # -p and -f as `beet ls` has them
+    assert len(set(paths)) == 5 and all(Path(path).is_file() for path in paths)
+    assert lines(beet(env, "similar", "-n", "5", "-f", "$title", "title:Song 3")) == [
+        line.rsplit(" - ", 1)[1] for line in similar[:5]]
 
 
 def test_a_removed_item_is_never_listed(beets):
