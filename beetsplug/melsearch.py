@@ -57,7 +57,11 @@ class MelsearchPlugin(BeetsPlugin):
         items = list(lib.items(args))
         if not items:
             raise UserError("melsearch: no items to index")
-        links = sync_links(workdir / LINKS, [(item.id, os.fsdecode(item.path)) for item in items])
+        try:
+            links = sync_links(workdir / LINKS, [(item.id, os.fsdecode(item.path)) for item in items])
+        except OSError as exc:
+            raise UserError(f"melsearch: {workdir / LINKS}: cannot link the library's songs there "
+                            f"({exc.strerror or exc})") from exc
         _show_progress()
         try:
             configure(settings_from_flags({"model": self.config["model"].as_str()}))

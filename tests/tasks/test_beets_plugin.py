@@ -96,15 +96,26 @@ def test_errors_are_one_line(beets, args, message):
     assert errors[0].startswith("error: melsearch: ") and message in errors[0]
 
 
-def test_similar_before_indexing_says_to_index(beets, tmp_path):
-    config = tmp_path / "beetsdir"
-    config.mkdir()
+def with_workdir(beets: dict, folder: Path, workdir: Path) -> dict:
+    """The environment of the same beets library with melsearch's work directory ``workdir`` (config in folder)."""
+    folder.mkdir()
     text = (Path(beets["env"]["BEETSDIR"]) / "config.yaml").read_text()
-    (config / "config.yaml").write_text(text.replace(str(beets["root"] / "work"), str(tmp_path / "work")))
-    result = beet({**beets["env"], "BEETSDIR": str(config)}, "similar", "title:Song 1")
+    (folder / "config.yaml").write_text(text.replace(str(beets["root"] / "work"), str(workdir)))
+    return {**beets["env"], "BEETSDIR": str(folder)}
+
+
+def test_similar_before_indexing_says_to_index(beets, tmp_path):
+    result = beet(with_workdir(beets, tmp_path / "beetsdir", tmp_path / "work"), "similar", "title:Song 1")
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: melsearch: nothing indexed in {tmp_path / 'work'} yet: "
                                      "run 'beet melsearch' first")
+
+
+def test_a_work_directory_that_cannot_be_made_is_one_line(beets, tmp_path):
+    (tmp_path / "work").write_text("a file, not a folder\n")
+    result = beet(with_workdir(beets, tmp_path / "beetsdir", tmp_path / "work"), "melsearch")
+    assert result.returncode != 0 and result.stderr.strip() == (
+        f"error: melsearch: {tmp_path / 'work' / 'beets-items'}: cannot link the library's songs there (Not a directory)")
 
 
 def test_links_name_their_items_and_follow_the_library(tmp_path):
