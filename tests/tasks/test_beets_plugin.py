@@ -115,7 +115,8 @@ def test_a_work_directory_that_cannot_be_made_is_one_line(beets, tmp_path):
     (tmp_path / "work").write_text("a file, not a folder\n")
     result = beet(with_workdir(beets, tmp_path / "beetsdir", tmp_path / "work"), "melsearch")
     assert result.returncode != 0 and result.stderr.strip() == (
-        f"error: melsearch: {tmp_path / 'work' / 'beets-items'}: cannot link the library's songs there (Not a directory)")
+        f"error: melsearch: {tmp_path / 'work' / 'beets-items'}: cannot link the library's songs there "
+        "(Not a directory)")
 
 
 def test_links_name_their_items_and_follow_the_library(tmp_path):
