@@ -181,15 +181,17 @@ class GenreClassifier:
         vectors = l2_normalise(embedding - self.embedding_center, names=names)
         return vectors, torch.softmax(logits, dim=1).numpy(), means[:, self.embedding_dim + n_classes :].numpy()
 
-    def embed_and_predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`embed_and_predict` of one audio file, decoded with the model's log-mel settings.
+    def embed_predict_and_tag_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`embed_predict_and_tag` of one audio file, decoded with the model's log-mel settings.
 
-        Returns the (D,) float32 unit search vector and the (n_classes,) float32 probabilities.
+        Returns the (D,) float32 unit search vector, the (n_classes,) float32 probabilities and the (n_tags,)
+        float32 tag probabilities.
         Raises MelsearchError naming the file when it is missing or not decodable.
         """
         mel, n_true = log_mel_for_file(path, self.mel_config)  # (n_mels, n_frames) dB, frames holding audio
-        vectors, probabilities = self.embed_and_predict(mel[None], n_frames=np.array([n_true]), names=[str(path)])
-        return vectors[0], probabilities[0]
+        vectors, probabilities, tags = self.embed_predict_and_tag(mel[None], n_frames=np.array([n_true]),
+                                                                  names=[str(path)])
+        return vectors[0], probabilities[0], tags[0]
 
     def check_features(self, mel_config: MelConfig, source: str | os.PathLike) -> None:
         """Refuse log-mels of ``source`` made with another :class:`MelConfig` than the model's input."""
@@ -220,7 +222,7 @@ class GenreClassifier:
         if not self.labels:
             raise MelsearchError(f"{self.model_dir}: {self.model_name} without a genre head (no labelled music "
                                  "trained it): it encodes and searches, it cannot predict")
-        probabilities = self.embed_and_predict_file(path)[1]
+        probabilities = self.embed_predict_and_tag_file(path)[1]
         return {
             "path": str(path),
             "label": self.labels_of(probabilities[None])[0],
@@ -233,4 +235,4 @@ class GenreClassifier:
         The same vector the embeddings stage stores for the file (up to its float16 features) and the query
         helper searches with.
         """
-        return self.embed_and_predict_file(path)[0]
+        return self.embed_predict_and_tag_file(path)[0]

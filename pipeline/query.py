@@ -38,7 +38,7 @@ from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
 from pipeline.manifest import path_from_text, path_to_text, readable_name
 from pipeline.storage import is_remote
-from pipeline.tags import NAME_COLUMNS, top_tags
+from pipeline.tags import NAME_COLUMNS, read_file_tags, top_tags
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
@@ -198,7 +198,7 @@ class MusicSearch:
                    tag: str | None = None) -> list[dict]:
         """:meth:`query` by an audio file (MelsearchError when missing or not decodable)."""
         path = Path(path)
-        vector, _ = self._embed_file(path)
+        vector = self._embed_file(path)[0]
         same_file = os.path.realpath(path)
         digest = functools.cache(_sha256_or_none)
 
@@ -230,12 +230,13 @@ class MusicSearch:
             raise MelsearchError(f"{missing[0]}: unknown track id in index {self.index_dir}")
         return np.array(found, dtype=np.float32).reshape(len(track_ids), self.meta["dim"])
 
-    def _embed_file(self, path: Path) -> tuple[np.ndarray, str]:
-        """(D,) float32 search vector of an audio file (as the embeddings stage makes them) and its predicted genre."""
+    def _embed_file(self, path: Path) -> tuple[np.ndarray, str, np.ndarray | None]:
+        """(D,) float32 search vector of an audio file (as the embeddings stage makes them), its predicted genre and
+        its (n_tags,) tag probabilities (None for a model without tags)."""
         if not path.is_file():
             raise MelsearchError(f"{path}: no such file")
-        vector, probabilities = self.classifier.embed_and_predict_file(path)
-        return vector, self.classifier.labels_of(probabilities[None])[0]
+        vector, probabilities, tags = self.classifier.embed_predict_and_tag_file(path)
+        return vector, self.classifier.labels_of(probabilities[None])[0], tags if self.classifier.tag_names else None
 
     def _index_vectors(self) -> np.ndarray:
         """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""
@@ -325,6 +326,7 @@ class MusicSearch:
     def index_audio(self, path: str | os.PathLike, *, label: str = "") -> str:
         """Add a song to the side table searched with the index; return its track id.
 
+        The song keeps its file's names (:func:`pipeline.tags.read_file_tags`) and, with a tagging model, its tags.
         The id is ``added/<file name>`` (with 8 hex digits of its sha256 when that name is taken). A file
         already in the index or the side table (same path) is not added again: its id is returned. The side
         table (:class:`pipeline.added.AddedSongs`) takes songs from several processes at once and loses none.
@@ -335,9 +337,9 @@ class MusicSearch:
             if os.path.realpath(path_from_text(row["path"])) == real:
                 log.info("%s is already indexed as %s", path, row["track_id"])
                 return row["track_id"]
-        vector, predicted = self._embed_file(path)
+        vector, predicted, tags = self._embed_file(path)
         row = {"track_id": f"added/{readable_name(path.name)}", "path": path_to_text(real), "label": label,
-               "split": "added", "predicted_label": predicted}
+               "split": "added", "predicted_label": predicted, TAGS_COLUMN: tags, **read_file_tags(path).columns()}
         metadata = {key: self.meta[key] for key in ("model", "model_key", "feature_key")}
         track_id = self._added.add(row, vector, metadata=metadata, taken=set(self._item_of))
         self._added_rows, self._added_vectors = self._read_added()  # with what other processes added meanwhile

@@ -129,3 +129,16 @@ def test_track_info_and_the_vector_cache_keep_names_and_tags_across_runs(library
     caches = list((workdir / "cache").glob("embeddings-*.parquet"))
     assert len(caches) == 1 and None not in pq.read_table(caches[0]).column("tag_probabilities").to_pylist()
     added.rename(folder / "drone" / "drone.00002.flac")
+
+
+def test_a_song_added_to_the_index_keeps_its_names_and_tags(library, tmp_path):
+    _, workdir = library
+    song = write_tags(Path(write_synthetic_dataset(tmp_path, n_per_class=1, seconds=4.0, n_classes=1, seed=9,
+                                                   fmt="flac")[0]), title="Late Bells", artist="The Chimes")
+    search = MusicSearch.load(workdir)
+    info = search.track_info(search.index_audio(song))
+    assert (info["title"], info["artist"], info["album"]) == ("Late Bells", "The Chimes", None)
+    assert len(info["tags"]) >= MIN_TAGS and set(info["tags"]) <= set(search.tag_names)
+    again = MusicSearch.load(workdir)  # from the side table, as another process reads it
+    assert again.track_info(info["track_id"])["tags"] == info["tags"]
+    assert info["track_id"] in {s["track_id"] for s in again.find_tracks("late bells", tag=info["tags"][0])}
