@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.added import AddedSongs
-from pipeline.embeddings import INFO_FIELDS, ROW_COLUMNS, embeddings_metadata, read_embeddings
+from pipeline.embeddings import INFO_FIELDS, ROW_COLUMNS, TAGS_COLUMN, embeddings_metadata, read_embeddings
 from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path, params_key
 from pipeline.layout import rerun_hint
@@ -295,14 +295,25 @@ def read_index_meta(index_dir: str | os.PathLike) -> dict:
 
 def read_ids(index_dir: str | os.PathLike) -> list[dict]:
     """Rows of ``ids.parquet`` (item, track_id, label, path, split, predicted_label and the ``INFO_FIELDS``, None
-    in an index built before they existed), in item order."""
+    in an index built before they existed), in item order; ``tag_probabilities`` a (n_tags,) float32 array."""
     path = Path(index_dir) / IDS_FILE
     try:
         table = pq.read_table(path)
         missing = dict.fromkeys(name for name, _ in INFO_FIELDS if name not in table.column_names)
-        return [{**row, **missing} for row in table.to_pylist()]
+        rows = [{**row, **missing} for row in table.drop_columns([TAGS_COLUMN] if not missing else []).to_pylist()]
     except Exception as exc:
         raise MelsearchError(f"{path}: unreadable id map ({exc}){rerun_hint(path)}") from exc
+    if not missing:
+        # one (N, n_tags) array, not N lists of Python floats: 50 tags of 100k songs would take ~200 MB as lists
+        tags = table.column(TAGS_COLUMN).combine_chunks()
+        if tags.null_count == 0 and len(rows):
+            flat = tags.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            values = list(flat.reshape(len(rows), -1))
+        else:
+            values = [None if value is None else np.asarray(value, np.float32) for value in tags.to_pylist()]
+        for row, value in zip(rows, values, strict=True):
+            row[TAGS_COLUMN] = value
+    return rows
 
 
 def build_annoy_index(

@@ -38,7 +38,7 @@ from pipeline.io import file_sha256
 from pipeline.layout import WorkDir, damaged_outputs, rerun_hint
 from pipeline.manifest import path_from_text, path_to_text, readable_name
 from pipeline.storage import is_remote
-from pipeline.tags import NAME_COLUMNS, read_file_tags, top_tags
+from pipeline.tags import NAME_COLUMNS, read_file_tags, top_tags, top_tags_of_many
 
 if TYPE_CHECKING:
     from pipeline.classifier import GenreClassifier
@@ -78,7 +78,7 @@ class MusicSearch:
                                  f"the id map {len(self._items)}{rerun_hint(index_dir)}")
         self._item_of = {row["track_id"]: row["item"] for row in self._items}
         self.tag_names: list[str] = list(meta.get("tags", []))
-        self._top_tags: dict[str, list[str]] = {}
+        self._top_tags: dict[str, list[str]] | None = None  # track id -> top tags, made on first use
         self._exact_vectors: np.ndarray | None = None
         self._classifier: GenreClassifier | None = None
         self._added = AddedSongs.of_index(index_dir, meta)
@@ -282,7 +282,12 @@ class MusicSearch:
                 for rank, (d, row) in enumerate(hits[:top_k], start=1)]
 
     def _tags_of(self, row: dict) -> list[str]:
-        """The song's top tags (:func:`pipeline.tags.top_tags`), worked out once per song."""
+        """The song's top tags (:func:`pipeline.tags.top_tags`), worked out once per song (the index's all at once)."""
+        if self._top_tags is None:
+            tagged = [row for row in self._items if row.get(TAGS_COLUMN) is not None] if self.tag_names else []
+            matrix = np.stack([row[TAGS_COLUMN] for row in tagged]) if tagged else np.zeros((0, len(self.tag_names)))
+            self._top_tags = dict(zip([row["track_id"] for row in tagged], top_tags_of_many(matrix, self.tag_names),
+                                      strict=True))
         tags = self._top_tags.get(row["track_id"])
         if tags is None:
             tags = self._top_tags[row["track_id"]] = top_tags(row.get(TAGS_COLUMN), self.tag_names)

@@ -114,7 +114,12 @@ def top_tags(probabilities: np.ndarray | None, names: Sequence[str]) -> list[str
     """
     if probabilities is None or not len(names):
         return []
-    probabilities = np.asarray(probabilities, dtype=np.float32)
-    order = np.argsort(-probabilities, kind="stable")
-    count = int(np.clip((probabilities >= TAG_THRESHOLD).sum(), MIN_TAGS, MAX_TAGS))
-    return [names[i] for i in order[:count]]
+    return top_tags_of_many(np.asarray(probabilities, dtype=np.float32)[None], names)[0]
+
+
+def top_tags_of_many(probabilities: np.ndarray, names: Sequence[str]) -> list[list[str]]:
+    """:func:`top_tags` of each row of (N, len(names)) probabilities, in one sort (100k songs: well under a second)."""
+    probabilities = np.asarray(probabilities, dtype=np.float32).reshape(len(probabilities), len(names))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :MAX_TAGS]
+    counts = np.clip((probabilities >= TAG_THRESHOLD).sum(axis=1), MIN_TAGS, MAX_TAGS)
+    return [[names[i] for i in row[:count]] for row, count in zip(order.tolist(), counts.tolist(), strict=True)]
