@@ -327,3 +327,13 @@ def test_three_processes_adding_songs_at_once_lose_none(workdir, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline", "query", "--track", added[-1], "--workdir", str(work),
                            "--json", "--top-k", "2"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and len(json.loads(done.stdout)) == 2, done.stderr
+
+
+def test_a_tag_filter_on_an_index_without_tags_is_one_line(workdir):
+    search = MusicSearch.load(workdir / "index" / "cifar10-tiny")
+    assert search.tag_names == [] and all(song["tags"] == [] for song in search.tracks())
+    for ask in (lambda: search.query("drone/drone.00002.wav", tag="rock"), lambda: search.find_tracks(tag="rock"),
+                lambda: search.recommend(["drone/drone.00002.wav"], tag="rock")):
+        with pytest.raises(MelsearchError, match="has no tags: its model cifar10-tiny predicts none") as exc:
+            ask()
+        one_line(exc)
