@@ -49,6 +49,11 @@ _TRACK_SCHEMA = pa.schema([("track_id", pa.string()), ("path", pa.string()), ("i
                            ("part", pa.string()), ("row", pa.int32()), ("n_frames", pa.int32())])
 
 
+def cache_part_name(items: Sequence[tuple[str, str]]) -> str:
+    """The cache part file of ``(identity, path)`` items: named by their identities, so its files name it anywhere."""
+    return "part-" + hashlib.sha256("\0".join(identity for identity, _ in items).encode()).hexdigest()[:16] + ".h5"
+
+
 def _write_cache_part(items: Sequence[tuple[str, str]], folder: str, cfg: MelConfig) -> str:
     """Worker side: the log-mels of ``(identity, path)`` items into a new part of the cache ``folder``.
 
@@ -56,7 +61,7 @@ def _write_cache_part(items: Sequence[tuple[str, str]], folder: str, cfg: MelCon
     ``n_frames`` and the ``failed`` files, written under a temporary name and renamed, so a part is whole or
     absent. Returns the part's file name.
     """
-    name = "part-" + hashlib.sha256("\0".join(identity for identity, _ in items).encode()).hexdigest()[:16] + ".h5"
+    name = cache_part_name(items)
     tmp = Path(folder) / f".{name}.{os.getpid()}.tmp"
     with threadpool_limits(limits=1):
         outcomes = write_mel_part(items, str(tmp), cfg)
@@ -95,6 +100,53 @@ def scan_feature_cache(folder: str | os.PathLike,
     return known
 
 
+def _to_decode(tracks: Sequence[tuple[str, str]], known: dict) -> tuple[dict[str, str], list[dict],
+                                                                       list[tuple[str, str]]]:
+    """Each track's file identity, the tracks whose file cannot be read, and the ``(identity, path)`` pairs
+    (sorted, each file once) that ``known`` (:func:`scan_feature_cache`) lacks."""
+    identity_of, failed = {}, []
+    for track_id, path in tracks:
+        try:
+            identity_of[track_id] = file_identity(path_from_text(path))
+        except OSError as exc:
+            failed.append({"track_id": track_id, "path": path, "reason": f"{path}: {exc.strerror or exc}"})
+    todo = sorted({identity: path for track_id, path in tracks if (identity := identity_of.get(track_id))
+                   and identity not in known}.items())
+    return identity_of, failed, todo
+
+
+def files_to_decode(tracks: Sequence[tuple[str, str]], cache_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(identity, path)`` of the ``(track_id, path)`` tracks' files the cache folder does not know, sorted."""
+    return _to_decode(tracks, scan_feature_cache(cache_dir))[2]
+
+
+def extract_to_cache(files: Sequence[tuple[str, str]], cache_dir: str | os.PathLike, cfg: MelConfig, *,
+                     workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Decode ``(identity, path)`` files into new cache parts of ``PART_SIZE`` files; return the parts' names.
+
+    The parts are written by this process's shared pool (``workers`` processes, default one per core; 1: here).
+    ``progress(done, total)`` counts parts.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    parts = [files[start : start + PART_SIZE] for start in range(0, len(files), PART_SIZE)]
+    workers = min(len(parts), (os.cpu_count() or 1) if workers is None else workers)
+    names = []
+    if workers <= 1:
+        for done, part in enumerate(parts, start=1):
+            names.append(_write_cache_part(part, str(cache_dir), cfg))
+            if progress is not None:
+                progress(done, len(parts))
+    else:
+        pool = shared_pool(workers, preload=("pipeline.library",))
+        futures = [pool.submit(_write_cache_part, part, str(cache_dir), cfg) for part in parts]
+        for done, future in enumerate(as_completed(futures), start=1):
+            names.append(future.result())
+            if progress is not None:
+                progress(done, len(parts))
+    return names
+
+
 def write_library_features(
     tracks: Sequence[tuple[str, str]],
     out_path: str | os.PathLike,
@@ -118,29 +170,8 @@ def write_library_features(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     known = scan_feature_cache(cache_dir)
-    identity_of, failed = {}, []
-    for track_id, path in tracks:
-        try:
-            identity_of[track_id] = file_identity(path_from_text(path))
-        except OSError as exc:
-            failed.append({"track_id": track_id, "path": path, "reason": f"{path}: {exc.strerror or exc}"})
-    todo = sorted({identity: path for track_id, path in tracks if (identity := identity_of.get(track_id))
-                   and identity not in known}.items())
-    parts = [todo[start : start + PART_SIZE] for start in range(0, len(todo), PART_SIZE)]
-    workers = min(len(parts), (os.cpu_count() or 1) if workers is None else workers)
-    names = []
-    if workers <= 1:
-        for done, part in enumerate(parts, start=1):
-            names.append(_write_cache_part(part, str(cache_dir), cfg))
-            if progress is not None:
-                progress(done, len(parts))
-    else:
-        pool = shared_pool(workers, preload=("pipeline.library",))
-        futures = [pool.submit(_write_cache_part, part, str(cache_dir), cfg) for part in parts]
-        for done, future in enumerate(as_completed(futures), start=1):
-            names.append(future.result())
-            if progress is not None:
-                progress(done, len(parts))
+    identity_of, failed, todo = _to_decode(tracks, known)
+    names = extract_to_cache(todo, cache_dir, cfg, workers=workers, progress=progress)
     known.update(scan_feature_cache(cache_dir, names))  # the parts just written: the others were read above
     rows = []
     for track_id, path in tracks:

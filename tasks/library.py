@@ -1,23 +1,85 @@
-"""A library's own stages: its manifest is a Dataset of its folder; its features are cached per file."""
+"""A library's own stages: its manifest is a Dataset of its folder; its features are cached per file.
+
+The files the cache lacks are decoded by :class:`LibraryPart` tasks of ``FILES_PER_TASK`` files, which any worker
+of a luigid may run (``melsearch worker``): their parameters say everything.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import luigi
 
-from pipeline.io import params_key
-from pipeline.library import TRACKS_FILE, read_library_tracks, write_library_features
+from pipeline.io import params_key, write_json_atomic
+from pipeline.library import (
+    PART_SIZE,
+    TRACKS_FILE,
+    cache_part_name,
+    extract_to_cache,
+    files_to_decode,
+    read_library_tracks,
+    write_library_features,
+)
 from pipeline.manifest import read_manifest
+from pipeline.mel import MelConfig
 from pipeline.parallel import shutdown_shared_pool
+from tasks.base import PROCESS, StageTask
 from tasks.config import features, features_preset
 from tasks.dataset import Dataset
 from tasks.features import FeaturesBase
+
+# Files decoded per task: 8 cache parts, enough that Luigi's cost per task (well under 0.1 s) is lost in their
+# seconds of decoding and a machine's pool has parts to share; few enough that many machines share a library.
+FILES_PER_TASK = 8 * PART_SIZE
+PARTS = "parts"  # the features folder's records of its LibraryPart tasks
 
 
 def library_dataset(task: luigi.Task) -> Dataset:
     """The dataset stage of ``task``'s library: the folder as a source of its own (its own key and manifest)."""
     return Dataset(workdir=task.workdir, audio_dir=task.library)
+
+
+class LibraryPart(StageTask):
+    """Cache parts of a library's files (``<workdir>/<cache>/part-<hash>.h5``, :data:`PART_SIZE` files each).
+
+    Beside the features folder's other records, ``<records>/<first part>.json`` says which process decoded them
+    (``host:pid``) and in how many seconds; written last, it marks the task done. Its parameters say everything
+    (no setting read from luigi.cfg but ``features.processes``), so any worker of a luigid may run it.
+    """
+
+    stage = "features"
+    cache = luigi.Parameter(description="the cache folder, relative to the work directory")
+    records = luigi.Parameter(description="the folder of the task records, relative to the work directory")
+    files = luigi.ListParameter(description="[identity, path] of each file to decode")
+    mel = luigi.DictParameter(description="the MelConfig's fields")
+    progress_unit = "parts"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.layout.root / self.records
+
+    def requires(self) -> list[luigi.Task]:
+        return []
+
+    @property
+    def _parts(self) -> list[list[tuple[str, str]]]:
+        files = [(str(identity), str(path)) for identity, path in self.files]
+        return [files[start : start + PART_SIZE] for start in range(0, len(files), PART_SIZE)]
+
+    def output(self) -> list[luigi.LocalTarget]:
+        names = [cache_part_name(part) for part in self._parts]
+        return [*(luigi.LocalTarget(str(self.layout.root / self.cache / name)) for name in names),
+                luigi.LocalTarget(str(self.stage_dir / names[0].replace(".h5", ".json")))]
+
+    def run(self) -> None:
+        started = time.monotonic()
+        files = [file for part in self._parts for file in part]
+        extract_to_cache(files, self.layout.root / self.cache, MelConfig.from_dict(dict(self.mel)),
+                         workers=features().processes or None, progress=self.report)
+        write_json_atomic(self.output()[-1].path, {"files": len(files), "worker": PROCESS,
+                                                   "seconds": round(time.monotonic() - started, 3)})
 
 
 class LibraryFeatures(FeaturesBase):
@@ -66,13 +128,26 @@ class LibraryFeatures(FeaturesBase):
         rows, _, cache = read_library_tracks(self.artifact)
         return sorted({cache / row["part"] for row in rows})
 
-    def run(self) -> None:
+    def run(self):
         rows = read_manifest(library_dataset(self).artifact, status="ok")
-        figures = write_library_features([(row["track_id"], row["path"]) for row in rows], self.artifact,
-                                         self.mel_config, self.cache_dir, workers=features().processes or None,
-                                         progress=self.report)
+        tracks = [(row["track_id"], row["path"]) for row in rows]
+        todo = files_to_decode(tracks, self.cache_dir)
+        # dynamic dependencies, which any worker of the scheduler may run (Luigi calls run() anew once they are
+        # done: this time the cache knows every file, and nothing is yielded)
+        yield [LibraryPart(workdir=self.workdir, cache=self._relative(self.cache_dir),
+                           records=self._relative(self.stage_dir / PARTS), files=todo[start : start + FILES_PER_TASK],
+                           mel=self.mel_config.to_dict())
+               for start in range(0, len(todo), FILES_PER_TASK)]
+        figures = write_library_features(tracks, self.artifact, self.mel_config, self.cache_dir,
+                                         workers=features().processes or None, progress=self.report)
         shutdown_shared_pool()  # free the workers' memory for the stages after
-        self.finish(figures)
+        records = [json.loads(path.read_text()) for path in sorted((self.stage_dir / PARTS).glob("*.json"))]
+        extracted = sum(record["files"] for record in records)  # by this stage's tasks, on whichever machine
+        self.finish({**figures, "extracted": figures["extracted"] + extracted,
+                     "reused": figures["reused"] - extracted, "parts": records})
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.layout.root).as_posix()
 
 
 def library_features_for(task: luigi.Task, model: str) -> LibraryFeatures:

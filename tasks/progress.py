@@ -34,6 +34,8 @@ def task_name(task: luigi.Task) -> str:
     parts = [task.stage, getattr(task, "model", "")]
     if hasattr(task, "shard"):
         parts.append(f"shard {task.shard}")
+    if hasattr(task, "files"):  # a library's LibraryPart
+        parts.append(f"(library, {len(task.files)} files)")
     if getattr(task, "library", "") and task.stage in ("dataset", "features"):
         parts.append("(library)")
     return " ".join(part for part in parts if part)

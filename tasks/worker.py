@@ -23,11 +23,12 @@ from luigi.scheduler import DONE, FAILED
 
 from pipeline.layout import WorkDir
 from tasks.features import FeatureShard
+from tasks.library import LibraryPart
 from tasks.progress import task_name
 
 log = logging.getLogger(__name__)
 
-PORTABLE: tuple[type[luigi.Task], ...] = (FeatureShard,)  # tasks whose parameters say everything
+PORTABLE: tuple[type[luigi.Task], ...] = (FeatureShard, LibraryPart)  # tasks whose parameters say everything
 POLL_S = 1.0  # an idle worker asks luigid for pending tasks this often
 
 

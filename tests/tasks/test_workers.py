@@ -172,3 +172,24 @@ def test_a_worker_killed_mid_shard_in_a_bucket_work_directory(clips, scheduler, 
     assert len([key for key in keys if re.search(r"/shards/shard-\d+\.h5$", key)]) == SHARDS
     assert len([key for key in keys if re.search(r"/shards/shard-\d+\.json$", key)]) == SHARDS
     assert not [key for key in keys if "/." in key or key.endswith(".tmp")], keys
+
+
+def test_a_worker_decodes_parts_of_a_library_run_started_elsewhere(clips, scheduler, tmp_path):
+    """96 songs: two LibraryPart tasks of 64 and 32 files, for whichever process asks first."""
+    workdir = str(tmp_path / "work")
+    worker = start(tmp_path, "worker", "worker", "--workdir", workdir, "--scheduler-url", scheduler)
+    try:
+        run = start(tmp_path, "run", "run", "--stage", "features", "--workdir", workdir, "--library", str(clips),
+                    "--model", "musicnn", "--scheduler-url", scheduler, "--set", "features.processes=1",
+                    "--set", "features.duration_s=4")
+        finish(run, tmp_path, "run")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+    said = finish(worker, tmp_path, "worker", timeout=30)
+    figures = features_figures(workdir)
+    assert (figures["tracks"], figures["extracted"], figures["reused"]) == (96, 96, 0)
+    assert sorted(part["files"] for part in figures["parts"]) == [32, 64]
+    assert {part["worker"].split(":")[1] for part in figures["parts"]} <= {str(run.pid), str(worker.pid)}
+    by_worker = [part for part in figures["parts"] if part["worker"].endswith(f":{worker.pid}")]
+    assert sorted(re.findall(r"done: features \(library, (\d+) files\)", said)) == \
+        sorted(str(part["files"]) for part in by_worker), said
