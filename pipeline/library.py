@@ -18,6 +18,7 @@ cache entries stay (they cost disk only).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import as_completed
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -41,9 +43,13 @@ from pipeline.manifest import path_from_text, read_manifest
 from pipeline.mel import MelConfig
 from pipeline.parallel import shared_pool
 
+if TYPE_CHECKING:
+    from pipeline.classifier import GenreClassifier
+
 log = logging.getLogger(__name__)
 
 TRACKS_FILE = "tracks.parquet"
+POOL_PRELOAD = ("pipeline.library", "pipeline.classifier")  # what the pool's workers run: imported once
 PART_SIZE = 8  # files per cache part: as the features stage's parts, small enough to balance the pool
 _TRACK_SCHEMA = pa.schema([("track_id", pa.string()), ("path", pa.string()), ("identity", pa.string()),
                            ("part", pa.string()), ("row", pa.int32()), ("n_frames", pa.int32())])
@@ -138,7 +144,7 @@ def extract_to_cache(files: Sequence[tuple[str, str]], cache_dir: str | os.PathL
             if progress is not None:
                 progress(done, len(parts))
     else:
-        pool = shared_pool(workers, preload=("pipeline.library",))
+        pool = shared_pool(workers, preload=POOL_PRELOAD)
         futures = [pool.submit(_write_cache_part, part, str(cache_dir), cfg) for part in parts]
         for done, future in enumerate(as_completed(futures), start=1):
             names.append(future.result())
@@ -228,9 +234,55 @@ def read_cached_mels(rows: Sequence[dict], cache_dir: Path, cfg: MelConfig) -> n
     return out
 
 
-def _batches(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+EMBED_PART = 4  # songs per job of the pool: ~1.6 CPU-s with musicnn, so the last jobs leave no core idle for long
+
+
+def _embed_cached(model: tuple[str, int, int], rows: Sequence[dict], cache_dir: str,
+                  cfg: MelConfig) -> tuple[np.ndarray, ...]:
+    """Worker side: :meth:`GenreClassifier.embed_predict_and_tag` of ``tracks.parquet`` rows' cached log-mels.
+
+    ``model``: the model folder and its weights' mtime (ns) and size, so retrained weights are loaded anew.
+    """
+    mels = read_cached_mels(rows, Path(cache_dir), cfg)
+    return _worker_classifier(*model).embed_predict_and_tag(
+        mels, n_frames=np.array([row["n_frames"] for row in rows]), names=[row["track_id"] for row in rows])
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_classifier(model_dir: str, _mtime_ns: int, _size: int) -> GenreClassifier:
+    """The model of ``model_dir``, loaded once per pool worker, on one thread (the pool has a worker per core)."""
+    import torch
+
+    from pipeline.classifier import GenreClassifier
+
+    torch.set_num_threads(1)
+    return GenreClassifier.load(model_dir, device="cpu")
+
+
+def _embedded_parts(classifier: GenreClassifier, rows: Sequence[dict], cache_dir: Path, cfg: MelConfig, *,
+                    workers: int | None) -> Iterator[tuple[Sequence[dict], tuple[np.ndarray, ...]]]:
+    """``(rows, (vectors, probabilities, tag probabilities))`` of ``EMBED_PART`` rows at a time, as they finish.
+
+    On the CPU each pool worker runs the model on one thread: a process per core keeps every core busy at
+    any load, where one process's threads, when another program holds a core, wait on each other (measured
+    in :mod:`pipeline.runtime`). On a GPU, or with one worker, the model runs here, 64 songs at a time.
+    """
+    parts = [rows[start : start + EMBED_PART] for start in range(0, len(rows), EMBED_PART)]
+    workers = min(len(parts), (os.cpu_count() or 1) if workers is None else workers)
+    if classifier.device.type != "cpu" or workers <= 1:
+        for start in range(0, len(rows), 64):
+            batch = rows[start : start + 64]
+            yield batch, classifier.embed_predict_and_tag(read_cached_mels(batch, cache_dir, cfg),
+                                                          n_frames=np.array([row["n_frames"] for row in batch]),
+                                                          names=[row["track_id"] for row in batch])
+        return
+    weights = (classifier.model_dir / "model.pt").stat()
+    model = (str(classifier.model_dir), weights.st_mtime_ns, weights.st_size)
+    pool = shared_pool(workers, preload=POOL_PRELOAD)
+    futures = {pool.submit(_embed_cached, model, part, str(cache_dir), cfg): part
+               for part in parts}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
 
 
 def write_library_embeddings(
@@ -241,7 +293,7 @@ def write_library_embeddings(
     cache_path: str | os.PathLike,
     *,
     device: str = "cpu",
-    batch_size: int = 64,
+    workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """The embeddings file of a library, computing only the vectors ``cache_path`` lacks for this model.
@@ -249,8 +301,9 @@ def write_library_embeddings(
     Each vector is :meth:`GenreClassifier.embed_and_predict`'s, as in :func:`pipeline.embeddings.write_embeddings`;
     rows are the manifest's ``ok`` tracks with features. The cache (a Parquet embeddings file whose
     ``track_id`` column holds file identities) is rewritten with the new vectors added; for a tagging model an
-    entry without tag probabilities (cached before they were kept) is computed again. ``progress(done, total)``
-    counts the vectors computed, after each batch.
+    entry without tag probabilities (cached before they were kept) is computed again. On the CPU the vectors
+    are computed by this process's shared pool (:func:`_embedded_parts`; ``workers`` processes, default one
+    per core; ``workers=1`` computes here). ``progress(done, total)`` counts the vectors computed.
 
     Returns
     -------
@@ -274,10 +327,7 @@ def write_library_embeddings(
                  if by_id[row["track_id"]]["identity"] not in cached}.values())
     todo.sort(key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
     done = 0
-    for batch in _batches(todo, batch_size):
-        mels = read_cached_mels(batch, cache_dir, cfg)
-        vectors, probabilities, tags = classifier.embed_predict_and_tag(
-            mels, n_frames=np.array([r["n_frames"] for r in batch]), names=[r["track_id"] for r in batch])
+    for batch, (vectors, probabilities, tags) in _embedded_parts(classifier, todo, cache_dir, cfg, workers=workers):
         for row, vector, label, tag in zip(batch, vectors, classifier.labels_of(probabilities), tags, strict=True):
             cached[row["identity"]] = (label, vector, tag if classifier.tag_names else None)
         done += len(batch)

@@ -12,8 +12,9 @@ from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
 from pipeline.io import file_sha256, params_key
 from pipeline.library import write_library_embeddings
+from pipeline.parallel import shutdown_shared_pool
 from tasks.base import ModelStageTask
-from tasks.config import index_config, train
+from tasks.config import features, index_config, train
 from tasks.dataset import Dataset
 from tasks.features import features_for
 from tasks.library import library_dataset, library_features_for
@@ -64,7 +65,8 @@ class Embeddings(ModelStageTask):
         if self.library:
             figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
                                                self.artifact, self.vector_cache, device=train().device,
-                                               progress=self.report)
+                                               workers=features().processes or None, progress=self.report)
+            shutdown_shared_pool()  # the workers hold the model: free their memory for the stages after
         else:
             figures = write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
                                        self.artifact, device=train().device, progress=self.report)

@@ -12,6 +12,7 @@ import pipeline.dataset
 import pipeline.feature_shards
 from pipeline.audio import load_audio_spread
 from pipeline.dataset import build_manifest, file_identity
+from pipeline.embeddings import read_embeddings
 from pipeline.io import params_key
 from pipeline.library import read_cached_mels, read_library_tracks, scan_feature_cache, write_library_features
 from pipeline.mel import MelConfig, log_mel_for_file
@@ -162,3 +163,26 @@ def test_manifest_probes_only_new_files(tmp_path, library, monkeypatch):
     assert probed == ["added.wav"]
     assert (second["ok"], second["rejected"]) == (7, 1)
     assert second["labels"] == [] and second["splits"] == {"unlabelled": 7}
+
+
+def test_vectors_from_the_pool_equal_those_computed_here(tmp_path, library):
+    from pipeline.library import write_library_embeddings
+    from pipeline.pretrained import write_pretrained_model
+
+    cfg = MelConfig.preset("musicnn", duration_s=3.0)
+    write_library_features(_tracks(library), tmp_path / "tracks.parquet", cfg, tmp_path / "cache", workers=1)
+    manifest = tmp_path / "manifest.parquet"
+    build_manifest(library, manifest)
+    write_pretrained_model(tmp_path / "model", "musicnn", cfg, crop_s=3.0)
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"embeddings-{workers}.parquet"
+        figures = write_library_embeddings(manifest, tmp_path / "tracks.parquet", tmp_path / "model", out,
+                                           tmp_path / f"vectors-{workers}.parquet", workers=workers)
+        assert (figures["tracks"], figures["computed"]) == (6, 6)
+        outputs[workers] = read_embeddings(out)
+    (rows_here, here), (rows_pool, pooled) = outputs[1], outputs[2]
+    assert [row["track_id"] for row in rows_here] == [row["track_id"] for row in rows_pool]
+    np.testing.assert_allclose(pooled, here, atol=1e-5)
+    np.testing.assert_allclose([row["tag_probabilities"] for row in rows_pool],
+                               [row["tag_probabilities"] for row in rows_here], atol=1e-5)
