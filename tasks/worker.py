@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import urllib.request
 from types import FrameType
 
 import luigi
@@ -21,6 +22,7 @@ import luigi.rpc
 import luigi.worker
 from luigi.scheduler import DONE, FAILED
 
+from pipeline.errors import MelsearchError
 from pipeline.layout import WorkDir
 from tasks.features import FeatureShard
 from tasks.library import LibraryPart
@@ -85,6 +87,10 @@ def run_worker(workdir: str, scheduler_url: str, workers: int = 1) -> list[tuple
     runs that listed it: the worker knows none of their settings.
     """
     WorkDir(workdir).check_writable()  # the run's work directory: reachable from here (its bucket, its folder)
+    try:  # once, at once: Luigi's client tries three times, half a minute apart, then raises a traceback
+        urllib.request.urlopen(scheduler_url, timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise MelsearchError(f"{scheduler_url}: no luigid answers here ({exc}; --scheduler-url)") from None
     scheduler = luigi.rpc.RemoteScheduler(scheduler_url)
     luigi.configuration.get_config().set("core", "no_configure_logging", "true")
     worker = Worker(scheduler=scheduler, worker_processes=workers, keep_alive=False)
@@ -104,6 +110,9 @@ def run_worker(workdir: str, scheduler_url: str, workers: int = 1) -> list[tuple
                 for task in todo:
                     worker.add(task)
                 worker.run()
+    except luigi.rpc.RPCError as exc:
+        raise MelsearchError(f"{scheduler_url}: luigid stopped answering ({exc}); start the worker again once it "
+                             "is back (a task it was running is given again)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     return worker.ran

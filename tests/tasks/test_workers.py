@@ -193,3 +193,10 @@ def test_a_worker_decodes_parts_of_a_library_run_started_elsewhere(clips, schedu
     by_worker = [part for part in figures["parts"] if part["worker"].endswith(f":{worker.pid}")]
     assert sorted(re.findall(r"done: features \(library, (\d+) files\)", said)) == \
         sorted(str(part["files"]) for part in by_worker), said
+
+
+def test_a_worker_without_luigid_says_so_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = melsearch("worker", "--workdir", str(tmp_path / "work"), "--scheduler-url", url, check=False, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith(f"melsearch: {url}: no luigid answers here")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
