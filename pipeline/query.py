@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline.added import AddedSongs
 from pipeline.audio import is_audio_path
+from pipeline.dataset import file_identity
 from pipeline.embeddings import TAGS_COLUMN
 from pipeline.errors import MelsearchError
 from pipeline.index import (
@@ -235,8 +237,35 @@ class MusicSearch:
         its (n_tags,) tag probabilities (None for a model without tags)."""
         if not path.is_file():
             raise MelsearchError(f"{path}: no such file")
+        cached = self._cached_vector(path)
+        if cached is not None:
+            return cached
         vector, probabilities, tags = self.classifier.embed_predict_and_tag_file(path)
         return vector, self.classifier.labels_of(probabilities[None])[0], tags if self.classifier.tag_names else None
+
+    def _cached_vector(self, path: Path) -> tuple[np.ndarray, str, np.ndarray | None] | None:
+        """What :meth:`_embed_file` gives, as a library run stored it for this very file (same path, inode, size,
+        mtime and ctime: :func:`pipeline.dataset.file_identity`) with this model's weights; None when none did.
+
+        A song of the user's library is then answered without torch, the model or decoding it again (the
+        stored vector was made from its float16 log-mels: cosine > 0.9999 to a fresh one).
+        """
+        weights = self.model_dir / "model.pt"
+        if not weights.is_file():
+            return None
+        cache = WorkDir(self.model_dir.parent.parent).embedding_cache(self.model_dir.name, file_sha256(weights))
+        if not cache.is_file():
+            return None
+        try:
+            rows = pq.read_table(cache, filters=[("track_id", "=", file_identity(path))]).to_pylist()
+        except Exception as exc:  # a cache: unreadable means the song is embedded afresh
+            log.debug("%s: unreadable vector cache (%s)", cache, exc)
+            return None
+        if not rows or len(rows[0]["embedding"]) != self.meta["dim"]:
+            return None
+        tags = rows[0].get(TAGS_COLUMN)
+        return (np.asarray(rows[0]["embedding"], dtype=np.float32), rows[0]["predicted_label"] or "",
+                np.asarray(tags, dtype=np.float32) if tags is not None and self.tag_names else None)
 
     def _index_vectors(self) -> np.ndarray:
         """(N, D) float32: every indexed vector, read back from Annoy once (exact search only)."""

@@ -21,7 +21,6 @@ from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
 from pipeline.layout import STAGES
 from pipeline.query import RECOMMEND_RULES, MusicSearch
-from tasks.progress import headline
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict, stages: tuple[str, ...] = STAGES) -> None:
     """One line per output: stage, done or missing, path, and the headline figures."""
+    from tasks.progress import headline
+
     for stage in stages:
         for entry in status[stage]["outputs"]:
             brief = headline(entry.get("figures", {}))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +192,37 @@ def test_a_song_replaced_with_its_mtime_set_back_is_encoded_again(tmp_path):
     indexed = vectors[[row["track_id"] for row in rows].index(song.name)]
     fresh = np.array(melsearch("encode", "--workdir", str(workdir), str(song)).stdout.split(), dtype=np.float32)
     assert float(indexed @ fresh) > 0.99  # cosine: both unit length
+
+
+QUERY_SCRIPT = """
+import json, sys
+from pipeline.query import MusicSearch
+search = MusicSearch.load(sys.argv[1])
+by_file = search.query_file(sys.argv[2], top_k=3)
+print(json.dumps({"torch": "torch" in sys.modules, "by_file": [r["track_id"] for r in by_file],
+                  "by_track": [r["track_id"] for r in search.query_track(sys.argv[3], top_k=3)]}))
+"""
+
+
+def test_a_library_song_is_queried_by_its_stored_vector_without_torch(tmp_path):
+    """``query FILE`` of a file the library run embedded (same identity) answers from the stored vector: as the
+    query by its track id, without importing torch; once the file changes, it is embedded afresh."""
+    write_synthetic_dataset(tmp_path / "source", n_per_class=2, seconds=4.0, n_classes=3, seed=6)
+    clips = sorted((tmp_path / "source").rglob("*.wav"))
+    folder, workdir = tmp_path / "songs", tmp_path / "work"
+    folder.mkdir()
+    for clip in clips[:5]:
+        shutil.copy(clip, folder / clip.name)
+    melsearch("run", "--workdir", str(workdir), "--library", str(folder), "--model", "musicnn", "--set",
+              "features.duration_s=4")
+    song = folder / clips[0].name
+
+    def query() -> dict:
+        run = subprocess.run([sys.executable, "-c", QUERY_SCRIPT, str(workdir), str(song), song.name],
+                             capture_output=True, text=True, check=True)
+        return json.loads(run.stdout)
+
+    stored = query()
+    assert not stored["torch"] and stored["by_file"] == stored["by_track"] and song.name not in stored["by_file"]
+    shutil.copyfile(clips[-1], song)  # another class's clip: a new version of the file
+    assert query()["torch"]
