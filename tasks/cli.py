@@ -21,6 +21,7 @@ from pipeline.errors import MelsearchError
 from pipeline.io import atomic_path
 from pipeline.layout import STAGES
 from pipeline.query import RECOMMEND_RULES, MusicSearch
+from pipeline.runtime import quiet_openmp
 
 log = logging.getLogger(__name__)
 
@@ -531,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line), run the command; 0, or 1 with one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_openmp()  # before torch loads: a forward pass's threads must not spin when another program holds a core
     if any(arg.startswith("s3://") for arg in argv):  # luigi.cfg may name the endpoint
         from tasks.config import export_s3_endpoint
 
