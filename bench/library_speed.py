@@ -142,7 +142,9 @@ def main() -> None:
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="melsearch-speed-"))
     labels = flatten(args.library.resolve(), base / "library", args.songs)
-    outside = next(p for p in list_audio_files(args.library) if f"{p.parent.name}-{p.name}" not in labels)
+    outside = next((p for p in list_audio_files(args.library) if f"{p.parent.name}-{p.name}" not in labels), None)
+    if outside is None and not args.no_query:
+        sys.exit("--songs takes every file: leave some out for the query of a new song, or --no-query")
     inside = base / "library" / sorted(labels)[0]
     checkouts = [ROOT, *[code.resolve() for code in args.code]]
     results = []
