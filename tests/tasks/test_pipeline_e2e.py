@@ -79,13 +79,15 @@ def test_status_without_source_flags_reports_the_latest_run(built, tmp_path):
 
 def test_tracks_lists_the_ids_query_takes(built, synth_dir):
     listed = melsearch("tracks", "--workdir", str(built)).stdout.splitlines()
-    assert listed[0].split() == ["track_id", "label", "path"] and len(listed) == 1 + 24
-    first = listed[1].split()
-    assert first[2] == str(synth_dir / first[0]) and first[0].startswith(f"{first[1]}/")  # a folder: relative paths
-    answer = json.loads(melsearch("query", "--workdir", str(built), "--track", first[0], "--json", "--top-k",
+    assert listed[0].split() == ["song", "label", "tags", "track_id"] and len(listed) == 1 + 24
+    track_id = listed[1].split()[-1]  # the last column: the id query takes
+    rows = json.loads(melsearch("tracks", "--workdir", str(built), "--json").stdout)
+    first = next(row for row in rows if row["track_id"] == track_id)
+    assert first["path"] == str(synth_dir / track_id) and track_id.startswith(f"{first['label']}/")  # relative ids
+    answer = json.loads(melsearch("query", "--workdir", str(built), "--track", track_id, "--json", "--top-k",
                                   "3").stdout)
-    assert len(answer) == 3 and first[0] not in [row["track_id"] for row in answer]
-    label = first[1]
+    assert len(answer) == 3 and track_id not in [row["track_id"] for row in answer]
+    label = first["label"]
     found = json.loads(melsearch("tracks", label.upper(), "--workdir", str(built), "--json", "--limit", "2").stdout)
     assert [row["track_id"] for row in found] == [f"{label}/{label}.00000.wav", f"{label}/{label}.00001.wav"]
 
