@@ -16,8 +16,10 @@ from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.errors import MelsearchError
 from pipeline.layout import FIGURES_FILE, PER_MODEL_STAGES, STAGES, WorkDir, damaged_outputs, read_figures
-from pipeline.library import TRACKS_FILE
+from pipeline.library import POOL_PRELOAD, TRACKS_FILE
+from pipeline.parallel import start_shared_pool
 from tasks.base import StageTask
+from tasks.config import features
 from tasks.dataset import Dataset
 from tasks.features import Features, features_for
 from tasks.library import LibraryFeatures, library_dataset, library_features_for
@@ -185,6 +187,10 @@ def run_pipeline(
                     clear_outputs(task)
                     pending[_rerun_key(task)] = rerun
             layout.record_reruns(pending)
+        if library and workers == 1 and stage != "dataset" and not library_dataset(root).complete():
+            # a changed library is decoded and embedded by this process's pool: its workers start (and import
+            # torch) while the dataset stage probes the files
+            start_shared_pool(features().processes or os.cpu_count() or 1, preload=POOL_PRELOAD)
         # against luigid, a worker waits for the tasks of this run that others (melsearch worker) are running
         kwargs = {"scheduler_url": scheduler_url, "worker_scheduler_factory": WorkerFactory()} if scheduler_url \
             else {"local_scheduler": True}
