@@ -10,7 +10,8 @@ import soundfile as sf
 
 import pipeline.dataset
 import pipeline.feature_shards
-from pipeline.audio import load_audio_spread
+import pipeline.manifest
+from pipeline.audio import load_audio_spread, mono
 from pipeline.dataset import build_manifest, file_identity
 from pipeline.embeddings import read_embeddings
 from pipeline.io import params_key
@@ -186,3 +187,33 @@ def test_vectors_from_the_pool_equal_those_computed_here(tmp_path, library):
     np.testing.assert_allclose(pooled, here, atol=1e-5)
     np.testing.assert_allclose([row["tag_probabilities"] for row in rows_pool],
                                [row["tag_probabilities"] for row in rows_here], atol=1e-5)
+
+
+def test_an_mp3_damaged_past_its_start_is_probed_ok_and_left_out_by_the_features(tmp_path, rng):
+    """The probe reads an MP3's length from its frame headers and decodes its first block only; damage further in
+    is found by the features' decode, which records the file as failed (named, with its reason), never fatal."""
+    folder = tmp_path / "mp3s"
+    folder.mkdir()
+    good = folder / "good.mp3"
+    sf.write(good, (0.1 * rng.standard_normal((44100 * 20, 2))).astype(np.float32), 44100, format="MP3")
+    with sf.SoundFile(good) as handle:
+        decoded = sum(block.shape[0] for block in handle.blocks(blocksize=1 << 16))
+    data = bytearray(good.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + len(data) // 4] = bytes(len(data) // 4)  # zeros across the middle
+    (folder / "damaged.mp3").write_bytes(bytes(data))
+    build_manifest(folder, tmp_path / "manifest.parquet")
+    rows = {row["track_id"]: row for row in pipeline.manifest.read_manifest(tmp_path / "manifest.parquet")}
+    assert rows["good.mp3"]["duration_s"] == decoded / 44100 and rows["good.mp3"]["channels"] == 2
+    assert rows["damaged.mp3"]["status"] == "ok" and rows["damaged.mp3"]["duration_s"] == decoded / 44100
+
+    cfg = MelConfig(sr=SR, n_fft=512, hop_length=256, n_mels=32, duration_s=20.0, segments=1)  # decodes it all
+    figures = write_library_features(_tracks(folder), tmp_path / "tracks.parquet", cfg, tmp_path / "cache", workers=1)
+    assert (figures["tracks"], figures["failed"]) == (1, 1)
+    failed = figures["failed_tracks"][0]
+    assert failed["track_id"] == "damaged.mp3" and "damaged.mp3" in failed["reason"]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_mono_is_numpys_channel_mean_bit_for_bit(channels, rng):
+    frames = rng.standard_normal((10_000, channels)).astype(np.float32)
+    assert np.array_equal(mono(frames), frames.mean(axis=1, dtype=np.float32))
