@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -179,3 +180,18 @@ def test_a_dying_worker_fails_the_shard_naming_it(tmp_path: Path, clips: list[tu
     assert list(out.iterdir()) == []
     # the next shard gets a fresh pool
     assert write_feature_shard(clips[:2], out / "next.h5", SHORT, workers=2, part_size=1)["written"] == 2
+
+
+def test_a_started_pool_starts_its_workers_before_any_work_and_they_do_it(tmp_path: Path,
+                                                                          clips: list[tuple[str, str]]) -> None:
+    parallel.shutdown_shared_pool()
+    parallel.start_shared_pool(2, preload=("pipeline.feature_shards",))  # returns at once: workers start behind
+    pool = parallel._pool
+    deadline = time.monotonic() + 120
+    while len(pool._processes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = set(pool._processes)
+    assert len(started) == 2
+    assert write_feature_shard(clips[:4], tmp_path / "s.h5", SHORT, workers=2, part_size=1)["written"] == 4
+    assert parallel._pool is pool and set(pool._processes) == started  # the same workers, none started since
+    parallel.shutdown_shared_pool()
