@@ -9,7 +9,8 @@ variables. Measured on a 2-core x86_64 machine, musicnn's forward on 3 s patches
   (:func:`pipeline.inference.crops_per_pass`), under 100 faults per patch and 42-43 patches/s;
 - OpenMP's default is to spin while waiting for the other threads: when another program holds a core, the
   two threads of a forward pass wait on each other's time slices, 5-7 patches/s; sleeping threads
-  (:func:`quiet_openmp`) keep 24 patches/s on the same busy machine and cost nothing on a quiet one.
+  (:func:`quiet_openmp`) keep 24 patches/s on the same busy machine, and cost 5-15% on a quiet one (43-45
+  against 49-51 patches/s). A library's vectors come from single-threaded pool workers, which never wait.
 """
 
 from __future__ import annotations
