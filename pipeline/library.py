@@ -285,6 +285,86 @@ def _embedded_parts(classifier: GenreClassifier, rows: Sequence[dict], cache_dir
         yield futures[future], future.result()
 
 
+def _vector_files(paths: Sequence[Path], classifier: GenreClassifier) -> dict[str, tuple[str, np.ndarray, list | None]]:
+    """``identity -> (predicted label, vector, tag probabilities)`` of vector files (the cache, batches; later
+    files win). For a tagging model an entry without tag probabilities (cached before they were kept) is left out,
+    to be computed again."""
+    entries = {}
+    for path in paths:
+        if path.is_file():
+            rows, vectors = read_embeddings(path)
+            entries.update({row["track_id"]: (row["predicted_label"], vector, row[TAGS_COLUMN])
+                            for row, vector in zip(rows, vectors, strict=True)
+                            if row[TAGS_COLUMN] is not None or not classifier.tag_names})
+    return entries
+
+
+def _library_rows(classifier: GenreClassifier, manifest_path: str | os.PathLike,
+                  tracks_path: str | os.PathLike) -> tuple[list[dict], dict[str, dict], MelConfig, Path]:
+    """The manifest's ``ok`` rows with features, ``tracks.parquet``'s rows by track id, its MelConfig and cache."""
+    tracks, cfg, cache_dir = read_library_tracks(tracks_path)
+    classifier.check_features(cfg, tracks_path)
+    by_id = {row["track_id"]: row for row in tracks}
+    rows = [row for row in read_manifest(manifest_path, status="ok") if row["track_id"] in by_id]
+    if not rows:
+        raise MelsearchError(f"{tracks_path}: none of the ok tracks of {manifest_path} has features")
+    return rows, by_id, cfg, cache_dir
+
+
+def _missing(rows: Sequence[dict], by_id: dict[str, dict], known: dict) -> list[dict]:
+    """``tracks.parquet`` rows of ``rows`` whose file identity ``known`` lacks, one per identity, in cache order."""
+    todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
+                 if by_id[row["track_id"]]["identity"] not in known}.values())
+    return sorted(todo, key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
+
+
+def _compute_vectors(classifier: GenreClassifier, todo: Sequence[dict], cache_dir: Path, cfg: MelConfig,
+                     into: dict, *, workers: int | None, progress: Callable[[int, int], None] | None) -> None:
+    """The vectors of ``todo`` rows, added to ``into`` by file identity (:func:`_embedded_parts`)."""
+    done = 0
+    for batch, (vectors, probabilities, tags) in _embedded_parts(classifier, todo, cache_dir, cfg, workers=workers):
+        for row, vector, label, tag in zip(batch, vectors, classifier.labels_of(probabilities), tags, strict=True):
+            into[row["identity"]] = (label, vector, tag if classifier.tag_names else None)
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(todo))
+
+
+def _write_vector_file(entries: dict, path: Path, classifier: GenreClassifier) -> None:
+    """``identity -> (label, vector, tags)`` entries as an embeddings file keyed by identity (the cache's format)."""
+    keys = sorted(entries)
+    write_embedding_rows([{"track_id": key, "predicted_label": entries[key][0], TAGS_COLUMN: entries[key][2]}
+                          for key in keys],
+                         np.stack([entries[key][1] for key in keys]), path, metadata=classifier.embeddings_metadata())
+
+
+def vectors_to_compute(manifest_path: str | os.PathLike, tracks_path: str | os.PathLike,
+                       model_dir: str | os.PathLike, cache_path: str | os.PathLike) -> list[dict]:
+    """``tracks.parquet``'s rows (``identity``, ``part``, ``row``, ``n_frames``, ``track_id``) of the library's
+    files whose vectors the cache ``cache_path`` lacks for this model, one per file, in cache order: the work to
+    share out among :func:`write_vector_batch` calls, on any machine."""
+    from pipeline.classifier import GenreClassifier  # torch
+
+    classifier = GenreClassifier.load(Path(model_dir).resolve(), device="cpu")
+    rows, by_id, _, _ = _library_rows(classifier, manifest_path, tracks_path)
+    return _missing(rows, by_id, _vector_files([Path(cache_path)], classifier))
+
+
+def write_vector_batch(rows: Sequence[dict], cache_dir: str | os.PathLike, cfg: MelConfig,
+                       model_dir: str | os.PathLike, out_path: str | os.PathLike, *, device: str = "cpu",
+                       workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+    """The vectors of ``rows`` (from :func:`vectors_to_compute`), their log-mels read from the feature cache
+    ``cache_dir``, written to ``out_path`` in the vector cache's format (keyed by file identity), atomically.
+    Computed as :func:`write_library_embeddings` computes them. Returns the number of vectors."""
+    from pipeline.classifier import GenreClassifier  # torch
+
+    classifier = GenreClassifier.load(Path(model_dir).resolve(), device=device)
+    entries: dict = {}
+    _compute_vectors(classifier, rows, Path(cache_dir), cfg, entries, workers=workers, progress=progress)
+    _write_vector_file(entries, Path(out_path), classifier)
+    return len(entries)
+
+
 def write_library_embeddings(
     manifest_path: str | os.PathLike,
     tracks_path: str | os.PathLike,
@@ -292,6 +372,7 @@ def write_library_embeddings(
     out_path: str | os.PathLike,
     cache_path: str | os.PathLike,
     *,
+    computed: Sequence[str | os.PathLike] = (),
     device: str = "cpu",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -299,50 +380,36 @@ def write_library_embeddings(
     """The embeddings file of a library, computing only the vectors ``cache_path`` lacks for this model.
 
     Each vector is :meth:`GenreClassifier.embed_and_predict`'s, as in :func:`pipeline.embeddings.write_embeddings`;
-    rows are the manifest's ``ok`` tracks with features. The cache (a Parquet embeddings file whose
-    ``track_id`` column holds file identities) is rewritten with the new vectors added; for a tagging model an
-    entry without tag probabilities (cached before they were kept) is computed again. On the CPU the vectors
-    are computed by this process's shared pool (:func:`_embedded_parts`; ``workers`` processes, default one
-    per core; ``workers=1`` computes here). ``progress(done, total)`` counts the vectors computed.
+    rows are the manifest's ``ok`` tracks with features. ``computed``: vector files that
+    :func:`write_vector_batch` wrote for this run (possibly on other machines), taken as they are. The cache (a
+    Parquet embeddings file whose ``track_id`` column holds file identities) is rewritten with the new vectors
+    added; for a tagging model an entry without tag probabilities (cached before they were kept) is computed
+    again. What neither holds is computed here: on the CPU by this process's shared pool
+    (:func:`_embedded_parts`; ``workers`` processes, default one per core; ``workers=1`` computes in this
+    process). ``progress(done, total)`` counts the vectors computed here.
 
     Returns
     -------
-    ``{"tracks", "dim", "computed", "reused"}``.
+    ``{"tracks", "dim", "computed", "reused"}``: ``computed`` counts this run's new vectors, here or in batches.
     """
     from pipeline.classifier import GenreClassifier  # torch
 
     model_dir, cache_path = Path(model_dir).resolve(), Path(cache_path)
     classifier = GenreClassifier.load(model_dir, device=device)
-    tracks, cfg, cache_dir = read_library_tracks(tracks_path)
-    classifier.check_features(cfg, tracks_path)
-    by_id = {row["track_id"]: row for row in tracks}
-    rows = [row for row in read_manifest(manifest_path, status="ok") if row["track_id"] in by_id]
-    if not rows:
-        raise MelsearchError(f"{tracks_path}: none of the ok tracks of {manifest_path} has features")
-    cached_rows, cached_vectors = read_embeddings(cache_path) if cache_path.is_file() else ([], np.zeros((0, 0)))
-    cached = {row["track_id"]: (row["predicted_label"], vector, row[TAGS_COLUMN])
-              for row, vector in zip(cached_rows, cached_vectors, strict=True)
-              if row[TAGS_COLUMN] is not None or not classifier.tag_names}
-    todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
-                 if by_id[row["track_id"]]["identity"] not in cached}.values())
-    todo.sort(key=lambda row: (row["part"], row["row"]))  # each part file read once per batch
-    done = 0
-    for batch, (vectors, probabilities, tags) in _embedded_parts(classifier, todo, cache_dir, cfg, workers=workers):
-        for row, vector, label, tag in zip(batch, vectors, classifier.labels_of(probabilities), tags, strict=True):
-            cached[row["identity"]] = (label, vector, tag if classifier.tag_names else None)
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(todo))
+    rows, by_id, cfg, cache_dir = _library_rows(classifier, manifest_path, tracks_path)
+    cached = _vector_files([cache_path], classifier)
+    before = set(cached)
+    cached.update(_vector_files([Path(path) for path in computed], classifier))
+    _compute_vectors(classifier, _missing(rows, by_id, cached), cache_dir, cfg, cached, workers=workers,
+                     progress=progress)
+    if set(cached) != before:
+        _write_vector_file(cached, cache_path, classifier)
     metadata = classifier.embeddings_metadata()
-    if todo:
-        keys = sorted(cached)
-        write_embedding_rows([{"track_id": key, "predicted_label": cached[key][0], TAGS_COLUMN: cached[key][2]}
-                              for key in keys],
-                             np.stack([cached[key][1] for key in keys]), cache_path, metadata=metadata)
     out_rows = [{**row, "predicted_label": entry[0], TAGS_COLUMN: entry[2]}
                 for row in rows for entry in [cached[by_id[row["track_id"]]["identity"]]]]
     vectors = np.stack([cached[by_id[row["track_id"]]["identity"]][1] for row in rows])
     write_embedding_rows(out_rows, vectors, out_path, metadata=metadata)
-    log.info("embedded %d library tracks with %s: %d computed, %d reused", len(rows), model_dir.name, len(todo),
-             len(rows) - len(todo))
-    return {"tracks": len(rows), "dim": int(vectors.shape[1]), "computed": len(todo), "reused": len(rows) - len(todo)}
+    new = len({by_id[row["track_id"]]["identity"] for row in rows} - before)
+    log.info("embedded %d library tracks with %s: %d computed, %d reused", len(rows), model_dir.name, new,
+             len(rows) - new)
+    return {"tracks": len(rows), "dim": int(vectors.shape[1]), "computed": new, "reused": len(rows) - new}

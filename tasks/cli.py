@@ -518,9 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker", help="join a run started elsewhere: take its tasks from luigid until SIGTERM", parents=[common],
         description="A worker for a machine that joins runs started elsewhere: it takes from luigid the pending "
-        "feature shards and library parts of WORKDIR's runs, whichever machine listed them, until SIGTERM or "
-        "SIGUSR1, then finishes its running tasks and prints those it ran. Their parameters carry the run's "
-        "settings; the stages themselves stay with the melsearch run processes.")
+        "feature shards, library parts and vector batches of WORKDIR's runs, whichever machine listed them, "
+        "until SIGTERM or SIGUSR1, then finishes its running tasks and prints those it ran. Their parameters carry "
+        "the run's settings; the stages themselves stay with the melsearch run processes.")
     _workdir_arg(worker, "the runs' work directory, as they name it")
     worker.add_argument("--scheduler-url", required=True, help="the luigid of the runs, e.g. http://10.0.0.5:8082")
     worker.add_argument("--workers", type=_positive_int, default=1, help="tasks run at once (default: 1)")

@@ -1,7 +1,8 @@
 """A library's own stages: its manifest is a Dataset of its folder; its features are cached per file.
 
-The files the cache lacks are decoded by :class:`LibraryPart` tasks of ``FILES_PER_TASK`` files, which any worker
-of a luigid may run (``melsearch worker``): their parameters say everything.
+The files the cache lacks are decoded by :class:`LibraryPart` tasks of ``FILES_PER_TASK`` files, and the vectors
+the vector cache lacks are computed by :class:`VectorBatch` tasks of as many files: any worker of a luigid may run
+them (``melsearch worker``), as their parameters say everything.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pipeline.library import (
     files_to_decode,
     read_library_tracks,
     write_library_features,
+    write_vector_batch,
 )
 from pipeline.manifest import read_manifest
 from pipeline.mel import MelConfig
 from pipeline.parallel import shutdown_shared_pool
 from tasks.base import PROCESS, StageTask
-from tasks.config import features, features_preset
+from tasks.config import features, features_preset, train
 from tasks.dataset import Dataset
 from tasks.features import FeaturesBase
 
@@ -34,6 +36,7 @@ from tasks.features import FeaturesBase
 # seconds of decoding and a machine's pool has parts to share; few enough that many machines share a library.
 FILES_PER_TASK = 8 * PART_SIZE
 PARTS = "parts"  # the features folder's records of its LibraryPart tasks
+BATCHES = "batches"  # the embeddings folder's records of its VectorBatch tasks
 
 
 def library_dataset(task: luigi.Task) -> Dataset:
@@ -80,6 +83,74 @@ class LibraryPart(StageTask):
                          workers=features().processes or None, progress=self.report)
         write_json_atomic(self.output()[-1].path, {"files": len(files), "worker": PROCESS,
                                                    "seconds": round(time.monotonic() - started, 3)})
+
+
+class VectorBatch(StageTask):
+    """The vectors of a batch of library files, ``<workdir>/<vectors>/batch-<hash>.parquet`` (the vector cache's
+    format), for the embeddings stage to fold into its cache.
+
+    ``<records>/batch-<hash>.json`` says which process computed them (``host:pid``) and in how many seconds;
+    written last, it marks the task done. Its parameters say everything (the model folder, the feature cache
+    and its log-mel settings, each file's place in it; no setting read from luigi.cfg but ``features.processes``
+    and ``train.device``), so any worker of a luigid may run it.
+    """
+
+    stage = "embeddings"
+    model_dir = luigi.Parameter(description="the model folder, relative to the work directory")
+    cache = luigi.Parameter(description="the feature cache folder, relative to the work directory")
+    mel = luigi.DictParameter(description="the MelConfig's fields")
+    vectors = luigi.Parameter(description="the folder of the batch files, relative to the work directory")
+    records = luigi.Parameter(description="the folder of the task records, relative to the work directory")
+    rows = luigi.ListParameter(description="[identity, cache part, row, n_frames, track id] of each file")
+    progress_unit = "tracks"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.layout.root / self.records
+
+    def requires(self) -> list[luigi.Task]:
+        return []
+
+    @property
+    def _name(self) -> str:
+        return "batch-" + params_key([identity for identity, *_ in self.rows])
+
+    def output(self) -> list[luigi.LocalTarget]:
+        return [luigi.LocalTarget(str(self.layout.root / self.vectors / f"{self._name}.parquet")),
+                luigi.LocalTarget(str(self.stage_dir / f"{self._name}.json"))]
+
+    def pull_inputs(self) -> None:
+        """In a bucket: the model folder and the cache parts these files' log-mels are in."""
+        super().pull_inputs()
+        store = self.layout.store
+        if store is not None:
+            store.download_folder(self.layout.root / self.model_dir)
+            for part in sorted({part for _, part, *_ in self.rows}):
+                store.download(self.layout.root / self.cache / part)
+
+    def run(self) -> None:
+        started = time.monotonic()
+        rows = [{"identity": identity, "part": part, "row": row, "n_frames": n_frames, "track_id": track_id}
+                for identity, part, row, n_frames, track_id in self.rows]
+        write_vector_batch(rows, self.layout.root / self.cache, MelConfig.from_dict(dict(self.mel)),
+                           self.layout.root / self.model_dir, self.output()[0].path, device=train().device,
+                           workers=features().processes or None, progress=self.report)
+        write_json_atomic(self.output()[-1].path, {"files": len(rows), "worker": PROCESS,
+                                                   "seconds": round(time.monotonic() - started, 3)})
+
+
+def vector_batches(task: StageTask, todo: list[dict], *, model_dir: Path, cache_dir: Path, mel: MelConfig,
+                   vector_cache: Path) -> list[VectorBatch]:
+    """The :class:`VectorBatch` tasks of ``todo`` rows (:func:`pipeline.library.vectors_to_compute`), records in the
+    embeddings folder of ``task``, batch files beside the vector cache."""
+    root = task.layout.root
+    common = {"workdir": task.workdir, "model_dir": model_dir.relative_to(root).as_posix(),
+              "cache": cache_dir.relative_to(root).as_posix(), "mel": mel.to_dict(),
+              "vectors": vector_cache.with_suffix(".batches").relative_to(root).as_posix(),
+              "records": (task.stage_dir / BATCHES).relative_to(root).as_posix()}
+    return [VectorBatch(**common, rows=[[row["identity"], row["part"], row["row"], row["n_frames"], row["track_id"]]
+                                        for row in todo[start : start + FILES_PER_TASK]])
+            for start in range(0, len(todo), FILES_PER_TASK)]
 
 
 class LibraryFeatures(FeaturesBase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import luigi
@@ -36,6 +37,8 @@ def task_name(task: luigi.Task) -> str:
         parts.append(f"shard {task.shard}")
     if hasattr(task, "files"):  # a library's LibraryPart
         parts.append(f"(library, {len(task.files)} files)")
+    if hasattr(task, "rows"):  # a library's VectorBatch: its model is the folder's name
+        parts.append(f"{Path(task.model_dir).name.split('-')[0]} (library, {len(task.rows)} files)")
     if getattr(task, "library", "") and task.stage in ("dataset", "features"):
         parts.append("(library)")
     return " ".join(part for part in parts if part)

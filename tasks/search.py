@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import luigi
@@ -11,13 +12,13 @@ from pipeline.added import AddedSongs
 from pipeline.embeddings import write_embeddings
 from pipeline.index import build_annoy_index
 from pipeline.io import file_sha256, params_key
-from pipeline.library import write_library_embeddings
+from pipeline.library import read_library_tracks, vectors_to_compute, write_library_embeddings
 from pipeline.parallel import shutdown_shared_pool
 from tasks.base import ModelStageTask
 from tasks.config import features, index_config, train
 from tasks.dataset import Dataset
 from tasks.features import features_for
-from tasks.library import library_dataset, library_features_for
+from tasks.library import BATCHES, library_dataset, library_features_for, vector_batches
 from tasks.train import model_task
 
 
@@ -60,17 +61,26 @@ class Embeddings(ModelStageTask):
             self.layout.store.upload(self.vector_cache)
         super().push_outputs()
 
-    def run(self) -> None:
+    def run(self):
         inputs, model_dir = self.requires(), model_task(self).stage_dir
-        if self.library:
-            figures = write_library_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
-                                               self.artifact, self.vector_cache, device=train().device,
-                                               workers=features().processes or None, progress=self.report)
-            shutdown_shared_pool()  # the workers hold the model: free their memory for the stages after
-        else:
-            figures = write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
-                                       self.artifact, device=train().device, progress=self.report)
-        self.finish(figures)
+        if not self.library:
+            self.finish(write_embeddings(inputs["dataset"].artifact, inputs["features"].artifact, model_dir,
+                                         self.artifact, device=train().device, progress=self.report))
+            return
+        dataset, tracks = inputs["dataset"].artifact, inputs["features"].artifact
+        _, mel, cache_dir = read_library_tracks(tracks)
+        # dynamic dependencies, which any worker of the scheduler may run (Luigi calls run() anew once they are
+        # done; the cache has not changed meanwhile, so the same batches are listed, and found done)
+        batches = vector_batches(self, vectors_to_compute(dataset, tracks, model_dir, self.vector_cache),
+                                 model_dir=model_dir, cache_dir=cache_dir, mel=mel, vector_cache=self.vector_cache)
+        yield batches
+        figures = write_library_embeddings(dataset, tracks, model_dir, self.artifact, self.vector_cache,
+                                           computed=[batch.output()[0].path for batch in batches],
+                                           device=train().device, workers=features().processes or None,
+                                           progress=self.report)
+        shutdown_shared_pool()  # the workers hold the model: free their memory for the stages after
+        records = [json.loads(path.read_text()) for path in sorted((self.stage_dir / BATCHES).glob("*.json"))]
+        self.finish({**figures, "batches": records})
 
 
 class Index(ModelStageTask):

@@ -25,12 +25,12 @@ from luigi.scheduler import DONE, FAILED
 from pipeline.errors import MelsearchError
 from pipeline.layout import WorkDir
 from tasks.features import FeatureShard
-from tasks.library import LibraryPart
+from tasks.library import LibraryPart, VectorBatch
 from tasks.progress import task_name
 
 log = logging.getLogger(__name__)
 
-PORTABLE: tuple[type[luigi.Task], ...] = (FeatureShard, LibraryPart)  # tasks whose parameters say everything
+PORTABLE: tuple[type[luigi.Task], ...] = (FeatureShard, LibraryPart, VectorBatch)  # their parameters say everything
 POLL_S = 1.0  # an idle worker asks luigid for pending tasks this often
 
 

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import test_s3
 from helpers import ROOT, melsearch
 from test_s3 import free_port, objects
 
+from pipeline.embeddings import read_embeddings
 from pipeline.synth import write_synthetic_dataset
 
 endpoint, bucket = test_s3.endpoint, test_s3.bucket  # its fixtures: moto_server on loopback, a bucket per test
@@ -174,12 +176,13 @@ def test_a_worker_killed_mid_shard_in_a_bucket_work_directory(clips, scheduler, 
     assert not [key for key in keys if "/." in key or key.endswith(".tmp")], keys
 
 
-def test_a_worker_decodes_parts_of_a_library_run_started_elsewhere(clips, scheduler, tmp_path):
-    """96 songs: two LibraryPart tasks of 64 and 32 files, for whichever process asks first."""
+def test_a_worker_decodes_parts_and_embeds_batches_of_a_library_run_started_elsewhere(clips, scheduler, tmp_path):
+    """96 songs: two LibraryPart tasks of 64 and 32 files, then two VectorBatch tasks as large, for whichever
+    process asks first."""
     workdir = str(tmp_path / "work")
     worker = start(tmp_path, "worker", "worker", "--workdir", workdir, "--scheduler-url", scheduler)
     try:
-        run = start(tmp_path, "run", "run", "--stage", "features", "--workdir", workdir, "--library", str(clips),
+        run = start(tmp_path, "run", "run", "--stage", "embeddings", "--workdir", workdir, "--library", str(clips),
                     "--model", "musicnn", "--scheduler-url", scheduler, "--set", "features.processes=1",
                     "--set", "features.duration_s=4")
         finish(run, tmp_path, "run")
@@ -193,6 +196,17 @@ def test_a_worker_decodes_parts_of_a_library_run_started_elsewhere(clips, schedu
     by_worker = [part for part in figures["parts"] if part["worker"].endswith(f":{worker.pid}")]
     assert sorted(re.findall(r"done: features \(library, (\d+) files\)", said)) == \
         sorted(str(part["files"]) for part in by_worker), said
+
+    report = json.loads(melsearch("status", "--json", "--workdir", workdir).stdout)["embeddings"]["outputs"][0]
+    assert (report["figures"]["tracks"], report["figures"]["computed"], report["figures"]["reused"]) == (96, 96, 0)
+    batches = report["figures"]["batches"]
+    assert sorted(batch["files"] for batch in batches) == [32, 64] and all(batch["seconds"] > 0 for batch in batches)
+    assert {batch["worker"].split(":")[1] for batch in batches} <= {str(run.pid), str(worker.pid)}
+    by_worker = [batch for batch in batches if batch["worker"].endswith(f":{worker.pid}")]
+    assert sorted(re.findall(r"done: embeddings musicnn \(library, (\d+) files\)", said)) == \
+        sorted(str(batch["files"]) for batch in by_worker), said
+    _, vectors = read_embeddings(report["output"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)  # every song has its vector
 
 
 def test_a_worker_without_luigid_says_so_in_one_line(tmp_path):
