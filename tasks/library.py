@@ -8,6 +8,7 @@ them (``melsearch worker``), as their parameters say everything.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def vector_batches(task: StageTask, todo: list[dict], *, model_dir: Path, cache_
     embeddings folder of ``task``, batch files beside the vector cache."""
     root = task.layout.root
     common = {"workdir": task.workdir, "model_dir": model_dir.relative_to(root).as_posix(),
-              "cache": cache_dir.relative_to(root).as_posix(), "mel": mel.to_dict(),
+              "cache": Path(os.path.normpath(cache_dir)).relative_to(root).as_posix(), "mel": mel.to_dict(),
               "vectors": vector_cache.with_suffix(".batches").relative_to(root).as_posix(),
               "records": (task.stage_dir / BATCHES).relative_to(root).as_posix()}
     return [VectorBatch(**common, rows=[[row["identity"], row["part"], row["row"], row["n_frames"], row["track_id"]]

@@ -59,6 +59,8 @@ class Embeddings(ModelStageTask):
     def push_outputs(self) -> None:
         if self.library and self.layout.store is not None and self.vector_cache.is_file():
             self.layout.store.upload(self.vector_cache)
+            for path in getattr(self, "_folded", []):
+                self.layout.store.delete(path)
         super().push_outputs()
 
     def run(self):
@@ -74,11 +76,17 @@ class Embeddings(ModelStageTask):
         batches = vector_batches(self, vectors_to_compute(dataset, tracks, model_dir, self.vector_cache),
                                  model_dir=model_dir, cache_dir=cache_dir, mel=mel, vector_cache=self.vector_cache)
         yield batches
+        computed = [Path(batch.output()[0].path) for batch in batches]
+        if self.layout.store is not None:  # made on other machines
+            for batch in batches:
+                batch.pull()
         figures = write_library_embeddings(dataset, tracks, model_dir, self.artifact, self.vector_cache,
-                                           computed=[batch.output()[0].path for batch in batches],
-                                           device=train().device, workers=features().processes or None,
-                                           progress=self.report)
+                                           computed=computed, device=train().device,
+                                           workers=features().processes or None, progress=self.report)
         shutdown_shared_pool()  # the workers hold the model: free their memory for the stages after
+        for path in computed:  # in the vector cache now: not kept twice (from a bucket once the cache is uploaded)
+            path.unlink(missing_ok=True)
+        self._folded = computed
         records = [json.loads(path.read_text()) for path in sorted((self.stage_dir / BATCHES).glob("*.json"))]
         self.finish({**figures, "batches": records})
 

@@ -251,6 +251,8 @@ def test_a_library_run_in_a_bucket_reuses_another_machines_caches(bucket, synth_
     features = report["features"]["outputs"][0]["figures"]
     assert (features["extracted"], features["reused"]) == (1, len(clips) - 1)
     assert report["embeddings"]["outputs"][0]["figures"]["computed"] == 1
+    assert [batch["files"] for batch in report["embeddings"]["outputs"][0]["figures"]["batches"]] == [1]
+    assert not [key for key in objects(bucket) if ".batches/" in key]  # folded into the vector cache, then removed
     assert report["index"]["outputs"][0]["figures"]["count"] == len(clips)
 
     monkeypatch.setenv("MELSEARCH_CACHE", str(tmp_path / "machine-c"))

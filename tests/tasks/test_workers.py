@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import boto3
 import h5py
 import numpy as np
 import pytest
@@ -176,10 +177,12 @@ def test_a_worker_killed_mid_shard_in_a_bucket_work_directory(clips, scheduler, 
     assert not [key for key in keys if "/." in key or key.endswith(".tmp")], keys
 
 
-def test_a_worker_decodes_parts_and_embeds_batches_of_a_library_run_started_elsewhere(clips, scheduler, tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_worker_decodes_parts_and_embeds_batches_of_a_library_run_started_elsewhere(clips, scheduler, tmp_path,
+                                                                                     where, request):
     """96 songs: two LibraryPart tasks of 64 and 32 files, then two VectorBatch tasks as large, for whichever
-    process asks first."""
-    workdir = str(tmp_path / "work")
+    process asks first; in a bucket each process reads the other's through it (their caches are their own)."""
+    workdir = str(tmp_path / "work") if where == "local" else f"s3://{request.getfixturevalue('bucket')}/w"
     worker = start(tmp_path, "worker", "worker", "--workdir", workdir, "--scheduler-url", scheduler)
     try:
         run = start(tmp_path, "run", "run", "--stage", "embeddings", "--workdir", workdir, "--library", str(clips),
@@ -205,7 +208,16 @@ def test_a_worker_decodes_parts_and_embeds_batches_of_a_library_run_started_else
     by_worker = [batch for batch in batches if batch["worker"].endswith(f":{worker.pid}")]
     assert sorted(re.findall(r"done: embeddings musicnn \(library, (\d+) files\)", said)) == \
         sorted(str(batch["files"]) for batch in by_worker), said
-    _, vectors = read_embeddings(report["output"])
+    # folded into the vector cache, then removed
+    output = Path(report["output"])
+    if where == "local":
+        assert not list((tmp_path / "work" / "cache").glob("*.batches/*.parquet"))
+    else:
+        name = request.getfixturevalue("bucket")
+        assert not [key for key in objects(name) if ".batches/" in key]
+        output = tmp_path / "embeddings.parquet"
+        boto3.client("s3").download_file(name, report["output"].split(f"{name}/", 1)[1], str(output))
+    _, vectors = read_embeddings(output)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)  # every song has its vector
 
 
