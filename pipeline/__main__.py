@@ -1,7 +1,5 @@
 """``python -m pipeline``: the ``melsearch`` command (:mod:`tasks.cli`)."""
 
-import sys
+from tasks.cli import entry
 
-from tasks.cli import main
-
-sys.exit(main())
+entry()

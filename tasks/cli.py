@@ -8,6 +8,7 @@ stay inside the commands, so ``query`` loads neither matplotlib nor the training
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -528,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="this machine's own settings, e.g. --set features.processes=4 (repeatable)")
     worker.set_defaults(func=cmd_worker)
     return parser
+
+
+def entry() -> NoReturn:
+    """The ``melsearch`` command: :func:`main`, then exit with its status.
+
+    The cyclic collector is frozen first: CPython's exit would otherwise walk every object that torch, Luigi and
+    matplotlib made, 0.6 s on a 2-core machine (0.1 s frozen), a third of a cold ``query``. Every output is
+    written and closed by then, and ``atexit`` handlers still run.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
