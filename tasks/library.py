@@ -45,7 +45,33 @@ def library_dataset(task: luigi.Task) -> Dataset:
     return Dataset(workdir=task.workdir, audio_dir=task.library)
 
 
-class LibraryPart(StageTask):
+class PortableTask(StageTask):
+    """A task any worker of a luigid may run, as its parameters say everything: the library's cache folder and
+    log-mel settings, and ``<records>``, the folder of the record that marks it done (``files``, the ``worker``
+    ``host:pid`` that ran it and its ``seconds``), written last by :meth:`write_record`."""
+
+    cache = luigi.Parameter(description="the feature cache folder, relative to the work directory")
+    mel = luigi.DictParameter(description="the MelConfig's fields")
+    records = luigi.Parameter(description="the folder of the task records, relative to the work directory")
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.layout.root / self.records
+
+    @property
+    def mel_config(self) -> MelConfig:
+        return MelConfig.from_dict(dict(self.mel))
+
+    def requires(self) -> list[luigi.Task]:
+        return []
+
+    def write_record(self, files: int, started: float) -> None:
+        """The task's record, its last output: ``files`` done since ``started`` (``time.monotonic()``)."""
+        write_json_atomic(self.output()[-1].path, {"files": files, "worker": PROCESS,
+                                                   "seconds": round(time.monotonic() - started, 3)})
+
+
+class LibraryPart(PortableTask):
     """Cache parts of a library's files (``<workdir>/<cache>/part-<hash>.h5``, :data:`PART_SIZE` files each).
 
     Beside the features folder's other records, ``<records>/<first part>.json`` says which process decoded them
@@ -54,18 +80,8 @@ class LibraryPart(StageTask):
     """
 
     stage = "features"
-    cache = luigi.Parameter(description="the cache folder, relative to the work directory")
-    records = luigi.Parameter(description="the folder of the task records, relative to the work directory")
     files = luigi.ListParameter(description="[identity, path] of each file to decode")
-    mel = luigi.DictParameter(description="the MelConfig's fields")
     progress_unit = "parts"
-
-    @property
-    def stage_dir(self) -> Path:
-        return self.layout.root / self.records
-
-    def requires(self) -> list[luigi.Task]:
-        return []
 
     @property
     def _parts(self) -> list[list[tuple[str, str]]]:
@@ -80,13 +96,12 @@ class LibraryPart(StageTask):
     def run(self) -> None:
         started = time.monotonic()
         files = [file for part in self._parts for file in part]
-        extract_to_cache(files, self.layout.root / self.cache, MelConfig.from_dict(dict(self.mel)),
-                         workers=features().processes or None, progress=self.report)
-        write_json_atomic(self.output()[-1].path, {"files": len(files), "worker": PROCESS,
-                                                   "seconds": round(time.monotonic() - started, 3)})
+        extract_to_cache(files, self.layout.root / self.cache, self.mel_config, workers=features().processes or None,
+                         progress=self.report)
+        self.write_record(len(files), started)
 
 
-class VectorBatch(StageTask):
+class VectorBatch(PortableTask):
     """The vectors of a batch of library files, ``<workdir>/<vectors>/batch-<hash>.parquet`` (the vector cache's
     format), for the embeddings stage to fold into its cache.
 
@@ -98,19 +113,9 @@ class VectorBatch(StageTask):
 
     stage = "embeddings"
     model_dir = luigi.Parameter(description="the model folder, relative to the work directory")
-    cache = luigi.Parameter(description="the feature cache folder, relative to the work directory")
-    mel = luigi.DictParameter(description="the MelConfig's fields")
     vectors = luigi.Parameter(description="the folder of the batch files, relative to the work directory")
-    records = luigi.Parameter(description="the folder of the task records, relative to the work directory")
     rows = luigi.ListParameter(description="[identity, cache part, row, n_frames, track id] of each file")
     progress_unit = "tracks"
-
-    @property
-    def stage_dir(self) -> Path:
-        return self.layout.root / self.records
-
-    def requires(self) -> list[luigi.Task]:
-        return []
 
     @property
     def _name(self) -> str:
@@ -133,11 +138,10 @@ class VectorBatch(StageTask):
         started = time.monotonic()
         rows = [{"identity": identity, "part": part, "row": row, "n_frames": n_frames, "track_id": track_id}
                 for identity, part, row, n_frames, track_id in self.rows]
-        write_vector_batch(rows, self.layout.root / self.cache, MelConfig.from_dict(dict(self.mel)),
-                           self.layout.root / self.model_dir, self.output()[0].path, device=train().device,
-                           workers=features().processes or None, progress=self.report)
-        write_json_atomic(self.output()[-1].path, {"files": len(rows), "worker": PROCESS,
-                                                   "seconds": round(time.monotonic() - started, 3)})
+        write_vector_batch(rows, self.layout.root / self.cache, self.mel_config, self.layout.root / self.model_dir,
+                           self.output()[0].path, device=train().device, workers=features().processes or None,
+                           progress=self.report)
+        self.write_record(len(rows), started)
 
 
 def vector_batches(task: StageTask, todo: list[dict], *, model_dir: Path, cache_dir: Path, mel: MelConfig,
