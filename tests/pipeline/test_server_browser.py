@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 WAIT_S = 60  # the first upload embeds with torch on a shared 2-core machine
 
 
-@pytest.fixture(scope="module")
-def base_url(workdir):  # noqa: F811 (the imported fixture)
-    """A real uvicorn on 127.0.0.1 serving the tiny index, in a thread; stopped after the module."""
-    search = MusicSearch.load(workdir / "index" / "cifar10-tiny")
-    search.classifier  # noqa: B018 (load the model before the browser's first upload)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(search, top_k=6), host="127.0.0.1", port=port,
+def served(search: MusicSearch, top_k: int) -> Iterator[str]:
+    """A real uvicorn on 127.0.0.1 serving ``search`` in a thread: its URL, then the server stopped."""
+    server = uvicorn.Server(uvicorn.Config(create_app(search, top_k=top_k), host="127.0.0.1", port=free_port(),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -50,9 +47,17 @@ def base_url(workdir):  # noqa: F811 (the imported fixture)
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(workdir):  # noqa: F811 (the imported fixture)
+    """The tiny index served (:func:`served`) for the module."""
+    search = MusicSearch.load(workdir / "index" / "cifar10-tiny")
+    search.classifier  # noqa: B018 (load the model before the browser's first upload)
+    yield from served(search, top_k=6)
 
 
 @pytest.fixture(scope="module")

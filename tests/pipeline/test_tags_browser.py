@@ -10,18 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from conftest import write_tags
-from test_server import free_port
-from test_server_browser import browser, result_ids, title, wait  # noqa: F401 (the browser fixture)
+from test_server_browser import browser, result_ids, served, title, wait  # noqa: F401 (the browser fixture)
 
 from pipeline.query import MusicSearch
-from pipeline.server import create_app
 from pipeline.synth import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,18 +42,8 @@ def tagged_index(tmp_path_factory) -> MusicSearch:
 
 @pytest.fixture(scope="module")
 def tagged_url(tagged_index):
-    """A real uvicorn on 127.0.0.1 serving the tagged index, in a thread; stopped after the module."""
-    server = uvicorn.Server(uvicorn.Config(create_app(tagged_index, top_k=5), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    """The tagged index served (:func:`test_server_browser.served`) for the module."""
+    yield from served(tagged_index, top_k=5)
 
 
 def songs(driver) -> list[tuple[str, str, list[str]]]:
