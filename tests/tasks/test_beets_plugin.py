@@ -31,6 +31,15 @@ def beets(tmp_path_factory) -> dict:
         tags = EasyID3()
         tags["title"], tags["artist"], tags["album"] = f"Song {i}", f"Artist {path.parent.name}", "Synth"
         tags.save(path)
+    env = beets_env(root)
+    found = beet(env, "import", "-A", "-q", str(root / "music"))
+    assert found.returncode == 0, found.stderr
+    return {"env": env, "root": root}
+
+
+def beets_env(root: Path) -> dict[str, str]:
+    """The environment of a beets whose config (``root/beetsdir``) imports in place, without tagging or the
+    network, and loads the melsearch plugin on ``root/work`` with musicnn."""
     config = root / "beetsdir"
     config.mkdir()
     (config / "config.yaml").write_text(f"""\
@@ -40,10 +49,7 @@ import: {{copy: no, write: no, autotag: no}}
 plugins: melsearch
 melsearch: {{workdir: {root / "work"}, model: musicnn}}
 """)
-    env = {**os.environ, "BEETSDIR": str(config), "HOME": str(root), "TQDM_DISABLE": "1"}
-    found = beet(env, "import", "-A", "-q", str(root / "music"))
-    assert found.returncode == 0, found.stderr
-    return {"env": env, "root": root}
+    return {**os.environ, "BEETSDIR": str(config), "HOME": str(root), "TQDM_DISABLE": "1"}
 
 
 def beet(env: dict, *args: str) -> subprocess.CompletedProcess:

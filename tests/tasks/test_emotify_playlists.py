@@ -14,7 +14,7 @@ from pathlib import Path
 import mutagen
 import pytest
 from helpers import melsearch
-from test_beets_plugin import beet, lines
+from test_beets_plugin import beet, beets_env, lines
 
 GENRES = ("classical", "electronic", "pop", "rock")
 
@@ -36,16 +36,7 @@ def library(emotify_dir, tmp_path_factory) -> dict:
             else:
                 tags = mutagen.File(path, easy=True)
                 names[path] = (tags["title"][0].strip(), tags["artist"][0].strip())
-    config = root / "beetsdir"
-    config.mkdir()
-    (config / "config.yaml").write_text(f"""\
-directory: {root / "library"}
-library: {config / "library.db"}
-import: {{copy: no, write: no, autotag: no}}
-plugins: melsearch
-melsearch: {{workdir: {root / "work"}, model: musicnn}}
-""")
-    env = {**os.environ, "BEETSDIR": str(config), "HOME": str(root), "TQDM_DISABLE": "1"}
+    env = beets_env(root)
     lines(beet(env, "import", "-A", "-q", str(root / "music")))
     assert lines(beet(env, "melsearch"))[-1].startswith("melsearch: 16 items indexed")
     return {"env": env, "work": root / "work", "names": names, "root": root}
