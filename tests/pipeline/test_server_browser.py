@@ -30,6 +30,7 @@ if not CHROMIUM.exists() and not IN_CI:
     pytest.skip("no /usr/bin/chromium (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402 (after the skip: only where a browser can run)
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -79,11 +80,15 @@ def browser(tmp_path_factory):
 
 
 def wait(driver, condition, message: str):
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(condition, message)
+    # the page re-renders its results: an element found a moment ago may be gone by the time it is read
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
 def result_ids(driver) -> list[str]:
-    return [item.get_attribute("data-track-id") for item in driver.find_elements(By.CSS_SELECTOR, "#results .result")]
+    """The track ids of the results shown, read in one script (no element can go stale between reads)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#results .result')].map((r) => r.getAttribute('data-track-id'));")
 
 
 def title(driver) -> str:
