@@ -127,7 +127,10 @@ _CPU_PASS_BYTES = 8 << 20
 def largest_activation_bytes(fn: Callable[[torch.Tensor], torch.Tensor], model: torch.nn.Module,
                              crop_shape: tuple[int, ...]) -> int:
     """Bytes of the largest output of any of ``model``'s modules when ``fn`` runs on one zero crop of ``crop_shape``
-    ((1, n_mels, frames): a trial pass, run once per model and crop)."""
+    ((1, n_mels, frames): a trial pass, run once per model and crop).
+
+    Only module outputs are seen: a model that makes its largest map with ``torch.nn.functional`` inside a
+    module's ``forward`` hides it, and gets passes too large (tried on musicnn's front end: the run got slower)."""
     largest = 0
 
     def record(_module: torch.nn.Module, _inputs: tuple, output: object) -> None:
