@@ -120,8 +120,9 @@ def _probe_soundfile(path: Path) -> AudioInfo:
         sr, channels, container = handle.samplerate, handle.channels, handle.format
     if decoded == 0:
         raise MelsearchError(f"{path}: no audio samples")
-    # libsndfile stops quietly at the end of a cut file; a shortfall against the header means truncation.
-    if declared > 0 and decoded < declared and container not in ("MP3", "OGG"):
+    # libsndfile stops quietly at the end of a cut file; a shortfall against the header means truncation
+    # (an Ogg file's header cannot say: its count is the last page's)
+    if declared > 0 and decoded < declared and container != "OGG":
         raise MelsearchError(f"{path}: truncated (header says {declared} frames, decoded {decoded})")
     return AudioInfo(duration_s=decoded / sr, sample_rate=int(sr), channels=int(channels))
 

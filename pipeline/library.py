@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -299,6 +299,20 @@ def _vector_files(paths: Sequence[Path], classifier: GenreClassifier) -> dict[st
     return entries
 
 
+def _cached_identities(path: Path, classifier: GenreClassifier) -> set[str]:
+    """The file identities :func:`_vector_files` would take from ``path``, read from two columns, not the vectors."""
+    if not path.is_file():
+        return set()
+    names = pq.read_schema(path).names
+    if not classifier.tag_names:
+        return set(pq.read_table(path, columns=["track_id"]).column("track_id").to_pylist())
+    if TAGS_COLUMN not in names:  # cached before tags were kept: every vector is computed again
+        return set()
+    table = pq.read_table(path, columns=["track_id", TAGS_COLUMN])
+    tagged = table.column(TAGS_COLUMN).is_valid().to_pylist()
+    return {identity for identity, ok in zip(table.column("track_id").to_pylist(), tagged, strict=True) if ok}
+
+
 def _library_rows(classifier: GenreClassifier, manifest_path: str | os.PathLike,
                   tracks_path: str | os.PathLike) -> tuple[list[dict], dict[str, dict], MelConfig, Path]:
     """The manifest's ``ok`` rows with features, ``tracks.parquet``'s rows by track id, its MelConfig and cache."""
@@ -311,7 +325,7 @@ def _library_rows(classifier: GenreClassifier, manifest_path: str | os.PathLike,
     return rows, by_id, cfg, cache_dir
 
 
-def _missing(rows: Sequence[dict], by_id: dict[str, dict], known: dict) -> list[dict]:
+def _missing(rows: Sequence[dict], by_id: dict[str, dict], known: Container[str]) -> list[dict]:
     """``tracks.parquet`` rows of ``rows`` whose file identity ``known`` lacks, one per identity, in cache order."""
     todo = list({by_id[row["track_id"]]["identity"]: by_id[row["track_id"]] for row in rows
                  if by_id[row["track_id"]]["identity"] not in known}.values())
@@ -347,7 +361,7 @@ def vectors_to_compute(manifest_path: str | os.PathLike, tracks_path: str | os.P
 
     classifier = GenreClassifier.load(Path(model_dir).resolve(), device="cpu")
     rows, by_id, _, _ = _library_rows(classifier, manifest_path, tracks_path)
-    return _missing(rows, by_id, _vector_files([Path(cache_path)], classifier))
+    return _missing(rows, by_id, _cached_identities(Path(cache_path), classifier))
 
 
 def write_vector_batch(rows: Sequence[dict], cache_dir: str | os.PathLike, cfg: MelConfig,

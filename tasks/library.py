@@ -144,6 +144,12 @@ class VectorBatch(PortableTask):
         self.write_record(len(rows), started)
 
 
+def read_records(folder: Path) -> list[dict]:
+    """The records of a stage's :class:`PortableTask` tasks in ``folder``, by name: the figures' ``parts`` or
+    ``batches``."""
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
 def vector_batches(task: StageTask, todo: list[dict], *, model_dir: Path, cache_dir: Path, mel: MelConfig,
                    vector_cache: Path) -> list[VectorBatch]:
     """The :class:`VectorBatch` tasks of ``todo`` rows (:func:`pipeline.library.vectors_to_compute`), records in the
@@ -217,7 +223,7 @@ class LibraryFeatures(FeaturesBase):
         figures = write_library_features(tracks, self.artifact, self.mel_config, self.cache_dir,
                                          workers=features().processes or None, progress=self.report)
         shutdown_shared_pool()  # free the workers' memory for the stages after
-        records = [json.loads(path.read_text()) for path in sorted((self.stage_dir / PARTS).glob("*.json"))]
+        records = read_records(self.stage_dir / PARTS)
         extracted = sum(record["files"] for record in records)  # by this stage's tasks, on whichever machine
         self.finish({**figures, "extracted": figures["extracted"] + extracted,
                      "reused": figures["reused"] - extracted, "parts": records})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import luigi
@@ -18,7 +17,7 @@ from tasks.base import ModelStageTask
 from tasks.config import features, index_config, train
 from tasks.dataset import Dataset
 from tasks.features import features_for
-from tasks.library import BATCHES, library_dataset, library_features_for, vector_batches
+from tasks.library import BATCHES, library_dataset, library_features_for, read_records, vector_batches
 from tasks.train import model_task
 
 
@@ -87,8 +86,7 @@ class Embeddings(ModelStageTask):
         for path in computed:  # in the vector cache now: not kept twice (from a bucket once the cache is uploaded)
             path.unlink(missing_ok=True)
         self._folded = computed
-        records = [json.loads(path.read_text()) for path in sorted((self.stage_dir / BATCHES).glob("*.json"))]
-        self.finish({**figures, "batches": records})
+        self.finish({**figures, "batches": read_records(self.stage_dir / BATCHES)})
 
 
 class Index(ModelStageTask):
